@@ -184,3 +184,12 @@ def test_model_imports_with_torch_alone():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "ok"
+
+
+def test_readme_variants_table_is_the_commands_output():
+    from pathlib import Path
+
+    from train.flops import format_table
+
+    readme = Path(__file__).resolve().parents[1] / "README.md"
+    assert format_table(table()) in readme.read_text(), "regenerate it: python -m train.flops --markdown"

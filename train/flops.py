@@ -15,6 +15,7 @@ Torch only, so it runs on a bare GPU machine too.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 from dataclasses import dataclass
 
@@ -42,6 +43,7 @@ def _example_inputs(cfg: ModelConfig, batch: int = 1):
     return x, t, context
 
 
+@functools.lru_cache(maxsize=None)  # configs are frozen; tests and reports ask repeatedly
 def _count(cfg: ModelConfig) -> tuple[int, int, int]:
     """(true FLOPs, attention bmm FLOPs, elementwise module FLOPs) of one batch-1 forward."""
     # The meta device keeps this cheap: the paper model's forward costs ~30 GFLOP we don't need to run.
@@ -134,8 +136,12 @@ def main(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", metavar="PATH", help="also write the rows as a JSON list")
     p.add_argument("--no-ablations", action="store_true", help="only the four main variants")
+    p.add_argument("--markdown", action="store_true", help="print only the Markdown table (as in the README)")
     args = p.parse_args(argv)
     rows = table(include_ablations=not args.no_ablations)
+    if args.markdown:
+        print(format_table(rows))
+        return
     print("U-ViT-S/2, one forward at batch 1 (latent 4x32x32, 77x768 text); 2 FLOPs per multiply-add.")
     print("true = every matmul incl. attention; paper conv. = module ops without attention matmuls (ptflops).\n")
     print(format_table(rows))
