@@ -1,0 +1,290 @@
+"""The Ray job: encode a source's captioned images into a WebDataset shard set (DESIGN.md §4).
+
+    driver  list the source's rows -> cut each split into shards of `shard_size` rows, in order
+            -> leave out shards a previous (killed) run already finished: their sidecar exists
+    Ray     load, convert, crop, resize     CPU tasks, one shard each
+            encode images and captions      actor pool: one actor per GPU, else one CPU actor per node
+            write the tar, then its sidecar CPU tasks (temporary name + os.replace)
+    driver  tqdm over finished shards -> manifest.json, written last -> summary
+
+A shard is the unit of work and of resumption. Its rows are fixed by the plan and its tar appears only
+whole, so running the same command after a kill writes exactly the missing shards: every key ends up in the
+set exactly once. The Ray stages themselves are in pipeline/stages.py.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import shutil
+import sys
+import time
+import uuid
+from collections import Counter
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from pipeline.encoders import DEFAULT_CLIP, DEFAULT_VAE
+from pipeline.manifest import (FORMAT_VERSION, MANIFEST, NULL_TEXT, STAGING, TEXT_ENCODER_DIR, atomic_write_json,
+                               config_hash, load_manifest)
+from pipeline.sources import Preprocess
+from pipeline.stages import EncodeShard, load_shard, write_shard
+
+RANDOM_TEXT_ENCODER = "random"  # --clip random: a seeded random CLIP text tower saved inside the set
+PAPER_COCO_SCALE = 0.23010  # U-ViT's latent scale for SD-VAE on MS-COCO 256 (1 / std of its latents)
+
+
+@dataclass
+class JobConfig:
+    out: str
+    image_encoder: str = DEFAULT_VAE  # "pixels", a diffusers hub id or a local AutoencoderKL folder
+    text_encoder: str = DEFAULT_CLIP  # an open_clip spec (pipeline/encoders.py) or "random"
+    preprocess: Preprocess = field(default_factory=Preprocess)
+    shard_size: int = 500
+    limit: int | None = None  # keep the first N images of each split
+    latent_scale: float | None = None  # None: 1 for pixels, the paper's value for COCO + SD-VAE, else 1/std
+    seed: int = 0  # the random text tower's initialisation and the latent-std sample
+    # How to run; these do not change the output, so they are not part of the config hash.
+    batch_size: int = 64
+    ray_address: str | None = None
+    strict: bool = False
+
+    def hashed(self, source) -> dict:
+        keep = ("image_encoder", "text_encoder", "preprocess", "shard_size", "limit", "latent_scale", "seed")
+        return {"source": source.options(), **{k: v for k, v in asdict(self).items() if k in keep}}
+
+
+class StrictModeError(RuntimeError):
+    pass
+
+
+# ----------------------------------------------------------------------------------------- driver
+
+def plan_shards(rows: list[dict], shard_size: int, limit: int | None) -> list[dict]:
+    """Rows cut into shards per split, in listing order: the plan a resumed job must reproduce exactly."""
+    plan = []
+    for split in dict.fromkeys(r["split"] for r in rows):
+        split_rows = [r for r in rows if r["split"] == split][:limit]
+        for i in range(0, len(split_rows), shard_size):
+            plan.append({"name": f"{split}-{i // shard_size:06d}.tar", "split": split,
+                         "rows": split_rows[i:i + shard_size]})
+    return plan
+
+
+def absolute_spec(spec: str) -> str:
+    """Local paths in an encoder spec made absolute: Ray workers do not share the driver's working dir."""
+    if spec.startswith("local-dir:"):
+        return "local-dir:" + str(Path(spec[len("local-dir:"):]).resolve())
+    name, sep, rest = spec.rpartition(":")
+    for candidate, prefix in ((spec, ""), (rest, name + sep)):
+        if candidate and Path(candidate).exists():
+            return prefix + str(Path(candidate).resolve())
+    return spec
+
+
+@contextmanager
+def ray_session(address: str | None):
+    """Join `address` (a running cluster: the multi-node path) or start a private local Ray; reuse one
+    that is already initialised (tests)."""
+    import ray
+
+    if ray.is_initialized():
+        yield ray
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Errors still surface as exceptions; Ray's info/warning chatter would bury the progress bar.
+    quiet = dict(log_to_driver=False, logging_level=logging.ERROR)
+    if address:
+        ray.init(address=address, **quiet)
+    else:
+        ray.init(include_dashboard=False, **quiet)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+def run_ray(source, cfg: JobConfig, todo: list[dict], out: Path, text_spec: str) -> None:
+    with ray_session(cfg.ray_address) as ray:
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False  # ours below counts images; Ray's per-operator bars would interleave
+        ctx.print_on_execution_start = False
+        logging.getLogger("ray.data").setLevel(logging.ERROR)
+        resources = ray.cluster_resources()
+        gpus = int(resources.get("GPU", 0))
+        if gpus:
+            pool = dict(compute=ray.data.ActorPoolStrategy(size=gpus), num_gpus=1, num_cpus=1)
+        else:  # fractional CPUs: whole-CPU actors on a 2-core machine starve the load/write tasks (deadlock)
+            nodes = sum(1 for n in ray.nodes() if n["Alive"])
+            pool = dict(compute=ray.data.ActorPoolStrategy(size=nodes), num_cpus=0.5)
+        items = [{"shard": s["name"], "work": pickle.dumps(s)} for s in todo]
+        ds = (ray.data.from_items(items, override_num_blocks=len(items))
+              .map(load_shard, fn_kwargs={"source": source, "preprocess": cfg.preprocess}, num_cpus=1)
+              .map_batches(EncodeShard, batch_size=1, fn_constructor_kwargs={
+                  "image_spec": absolute_spec(cfg.image_encoder), "text_spec": text_spec,
+                  "batch_size": cfg.batch_size, "seed": cfg.seed}, **pool)
+              .map(write_shard, fn_kwargs={"out": str(out)}, num_cpus=0.5))
+        images_in = {s["name"]: len(s["rows"]) for s in todo}
+        device = f"{gpus} GPU actor(s)" if gpus else "CPU actor"
+        with tqdm(total=sum(images_in.values()), unit="img", desc=f"encode ({device})", dynamic_ncols=True) as bar:
+            for row in ds.iter_rows():
+                bar.update(images_in[row["shard"]])
+
+
+def prepare_text_encoder(cfg: JobConfig, out: Path) -> tuple[str, str]:
+    """(spec the actors load, spec the manifest records). A random tower is created once, inside the set."""
+    if cfg.text_encoder != RANDOM_TEXT_ENCODER:
+        spec = absolute_spec(cfg.text_encoder)
+        return spec, spec
+    from pipeline.encoders import save_random_text_encoder
+
+    folder = out / TEXT_ENCODER_DIR
+    if not (folder / "open_clip_config.json").is_file():
+        tmp = out / STAGING / f"{TEXT_ENCODER_DIR}.tmp-{uuid.uuid4().hex}"
+        save_random_text_encoder(tmp, seed=cfg.seed)
+        os.replace(tmp, folder)
+    return f"local-dir:{folder.resolve()}", f"local-dir:{TEXT_ENCODER_DIR}"
+
+
+def choose_latent_scale(cfg: JobConfig, source, latent_format: str, std: float) -> tuple[float, str]:
+    if cfg.latent_scale is not None:
+        return cfg.latent_scale, "--latent-scale"
+    if latent_format == "pixels":
+        return 1.0, "pixels are already in [-1, 1]"
+    if source.name == "coco" and cfg.image_encoder == DEFAULT_VAE:
+        return PAPER_COCO_SCALE, "the paper's (U-ViT) value for SD-VAE latents of MS-COCO"
+    return 1.0 / std, "1 / measured std of the train latents"
+
+
+def build_manifest(source, cfg: JobConfig, chash: str, plan: list[dict], sidecars: list[dict],
+                   listing_skipped: list[dict], text_spec: str, inputs: int) -> dict:
+    splits = {}
+    for s in sidecars:
+        info = splits.setdefault(s["split"], {"shards": [], "records": 0, "captions": 0})
+        if s["records"]:  # an all-skipped shard is an empty tar: leave it out of the lists readers use
+            info["shards"].append(s["name"])
+        info["records"] += s["records"]
+        info["captions"] += s["captions"]
+    train = [s for s in sidecars if s["split"] == "train"] or sidecars
+    total, total_sq, n = (sum(s["stats"][i] for s in train) for i in range(3))
+    std = float(np.sqrt(max(total_sq / n - (total / n) ** 2, 0.0))) if n else float("nan")
+    identities = next(s["identities"] for s in sidecars if s["records"])
+    latent_shape = next(s["latent_shape"] for s in sidecars if s["records"])
+    image = identities["image"]
+    scale, why = choose_latent_scale(cfg, source, image["latent_format"], std)
+    model_shape = [latent_shape[0] // 2, *latent_shape[1:]] if image["latent_format"] == "moments" else latent_shape
+    skipped = listing_skipped + [entry for s in sidecars for entry in s["skipped"]]
+    truncated = [entry for s in sidecars for entry in s["truncated"]]
+    return {
+        "format_version": FORMAT_VERSION,
+        "name": Path(cfg.out).name,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "config_hash": chash,
+        "config": cfg.hashed(source),
+        "source": source.options(),
+        "splits": splits,
+        "shards": {s["name"]: {k: s[k] for k in ("split", "records", "captions", "sha256", "bytes")}
+                   for s in sidecars},
+        "image_encoder": {**image, "dtype": "float16", "resolution": cfg.preprocess.resolution,
+                          "latent_shape": latent_shape, "model_latent_shape": model_shape,
+                          "latent_std": std, "latent_scale": scale, "latent_scale_source": why,
+                          "preprocessing": cfg.preprocess.describe()},
+        "text_encoder": {**identities["text"], "spec": text_spec, "truncated_captions": len(truncated)},
+        "null_text": NULL_TEXT,
+        "counts": {"inputs": inputs, "records": sum(s["records"] for s in sidecars),
+                   "captions": sum(s["captions"] for s in sidecars), "skipped": len(skipped),
+                   "skipped_images": inputs - sum(s["records"] for s in sidecars),
+                   "truncated_captions": len(truncated)},
+        "skipped": skipped,
+        "truncated_captions": truncated,
+    }
+
+
+def run(source, cfg: JobConfig) -> dict:
+    """Build (or finish, or find up to date) the shard set `cfg.out`; return its manifest."""
+    start = time.time()
+    out = Path(cfg.out)
+    chash = config_hash(cfg.hashed(source))
+    if (out / MANIFEST).is_file():
+        manifest = load_manifest(out)
+        if manifest["config_hash"] != chash:
+            raise FileExistsError(f"{out} already holds a shard set built with other options (config "
+                                  f"{manifest['config_hash']}, now {chash}): pass another --out, or delete {out}")
+        shutil.rmtree(out / STAGING, ignore_errors=True)  # left only by a kill right after the manifest
+        print(f"{out} is up to date (config {chash}): nothing to do")
+        print_summary(manifest)
+        if cfg.strict and manifest["skipped"]:
+            raise StrictModeError(f"--strict: {len(manifest['skipped'])} input(s) were skipped (see the manifest)")
+        return manifest
+
+    staging = out / STAGING
+    staging.mkdir(parents=True, exist_ok=True)
+    stamp = staging / "config.json"
+    if stamp.is_file() and json.loads(stamp.read_text())["config_hash"] != chash:
+        raise FileExistsError(f"{out} holds an unfinished job with other options: run that command again to "
+                              f"finish it, or delete {out} to start over")
+    atomic_write_json(stamp, {"config_hash": chash, "config": cfg.hashed(source)})
+    for stale in [*out.glob(".*.tmp-*"), *staging.glob("*.tmp-*")]:  # partial writes of a killed run
+        shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+
+    rows, listing_skipped = source.rows()
+    plan = plan_shards(rows, cfg.shard_size, cfg.limit)
+    if not plan:
+        raise ValueError(f"the {source.name} source lists no images: check its paths and --limit")
+    inputs = sum(len(s["rows"]) for s in plan)
+    if cfg.strict and listing_skipped:
+        raise StrictModeError(f"--strict: {len(listing_skipped)} input(s) rejected while listing, first: "
+                              f"{listing_skipped[0]}")
+    done = {s["name"] for s in plan if (staging / f"{s['name']}.json").is_file() and (out / s["name"]).is_file()}
+    todo = [s for s in plan if s["name"] not in done]
+    text_spec, manifest_text_spec = prepare_text_encoder(cfg, out)
+    if done:
+        print(f"resuming: {len(done)} of {len(plan)} shards already written, {len(todo)} to go")
+    ray_start = time.time()
+    if todo:
+        run_ray(source, cfg, todo, out, text_spec)
+    encode_seconds = time.time() - ray_start
+
+    sidecars = [json.loads((staging / f"{s['name']}.json").read_text()) for s in plan]
+    if not any(s["records"] for s in sidecars):
+        raise ValueError(f"every input was skipped; see the reasons in {staging}/*.json")
+    manifest = build_manifest(source, cfg, chash, plan, sidecars, listing_skipped, manifest_text_spec, inputs)
+    manifest["timing"] = {"seconds": time.time() - start, "encode_seconds": encode_seconds,
+                          "images_encoded": sum(len(s["rows"]) for s in todo),
+                          "images_per_s": sum(len(s["rows"]) for s in todo) / max(encode_seconds, 1e-9)}
+    if cfg.strict and manifest["skipped"]:
+        print_summary(manifest)
+        raise StrictModeError(f"--strict: {len(manifest['skipped'])} input(s) skipped (listed above); the shards "
+                              f"are staged in {out}: fix the inputs, or run again without --strict to finish")
+    atomic_write_json(out / MANIFEST, manifest)  # last: its presence means the set is complete
+    shutil.rmtree(staging)
+    print_summary(manifest)
+    return manifest
+
+
+def print_summary(manifest: dict) -> None:
+    c, image, text = manifest["counts"], manifest["image_encoder"], manifest["text_encoder"]
+    splits = " · ".join(f"{s} {info['records']:,}" for s, info in manifest["splits"].items())
+    size = sum(s["bytes"] for s in manifest["shards"].values())
+    reasons = Counter(e["reason"].split(":")[0] for e in manifest["skipped"])
+    lines = [
+        f"shard set  {manifest['name']}  (config {manifest['config_hash']}, {len(manifest['shards'])} shards, "
+        f"{size / 1e9:.2f} GB)",
+        f"records    {c['records']:,} of {c['inputs']:,} images ({splits}); {c['captions']:,} captions",
+        f"skipped    {c['skipped']} input(s)" + (": " + ", ".join(f"{r} {n}" for r, n in reasons.most_common())
+                                                   if reasons else ""),
+        f"truncated  {c['truncated_captions']} caption(s) longer than {text['text_len']} tokens",
+        f"image      {image['spec']} -> {image['latent_format']} {image['latent_shape']} float16, "
+        f"std {image['latent_std']:.4f}, scale {image['latent_scale']:.5f} ({image['latent_scale_source']})",
+        f"text       {text['spec']} -> [K, {text['text_len']}, {text['text_dim']}] float16",
+    ]
+    if "timing" in manifest:
+        t = manifest["timing"]
+        lines.append(f"build      {t['seconds']:.1f} s; {t['images_encoded']:,} images encoded at "
+                     f"{t['images_per_s']:.1f} images/s")
+    print("\n".join(lines), file=sys.stdout, flush=True)
