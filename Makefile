@@ -18,11 +18,13 @@ VARIANT  ?= if_concat
 PRESET   ?=
 NPROC    ?= 1
 STEPS    ?=
-RUN      ?= $(shell ls -td runs/*/ 2>/dev/null | head -n 1)
+# The newest run: the newest runs/*/config.json (a report folder such as runs/compare has none).
+RUN      ?= $(patsubst %/config.json,%,$(shell ls -t runs/*/config.json 2>/dev/null | head -n 1))
 OUT      ?= runs/$(VARIANT)$(if $(PRESET),-$(PRESET),)
 EVAL_ARGS ?=
+TRAIN_ARGS ?=
 
-.PHONY: setup test shards train eval compare bench flops demo clean-venv
+.PHONY: setup test shards train eval compare bench bench-pipeline flops demo clean-venv
 
 setup: $(STAMP)
 
@@ -48,17 +50,51 @@ endif
 
 train: setup
 ifeq ($(NPROC),1)
-	$(PY) -m train --variant $(VARIANT) --shards $(SHARDS) --out $(OUT) $(if $(PRESET),--preset $(PRESET),) $(if $(STEPS),--steps $(STEPS),)
+	$(PY) -m train --variant $(VARIANT) --shards $(SHARDS) --out $(OUT) $(if $(PRESET),--preset $(PRESET),) $(if $(STEPS),--steps $(STEPS),) $(TRAIN_ARGS)
 else
-	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) -m train --variant $(VARIANT) --shards $(SHARDS) --out $(OUT) $(if $(PRESET),--preset $(PRESET),) $(if $(STEPS),--steps $(STEPS),)
+	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) -m train --variant $(VARIANT) --shards $(SHARDS) --out $(OUT) $(if $(PRESET),--preset $(PRESET),) $(if $(STEPS),--steps $(STEPS),) $(TRAIN_ARGS)
 endif
 
 eval: setup
 	@test -n "$(RUN)" || { echo "no run found under runs/: train one first (make train) or pass RUN=runs/NAME"; exit 1; }
 	$(PY) -m evaluate --run $(RUN) $(EVAL_ARGS)
 
+# The whole flow on the embedded shapes set, sized for a laptop CPU: shards, the tiny if_concat run, its
+# evaluation (ends with the metrics summary and the path of the sample grid). Re-running skips what is done.
+DEMO_RUN := runs/if_concat-tiny
+demo: setup
+	$(MAKE) --no-print-directory shards DATASET=shapes
+	$(MAKE) --no-print-directory train DATASET=shapes VARIANT=if_concat PRESET=tiny OUT=$(DEMO_RUN)
+	$(MAKE) --no-print-directory eval RUN=$(DEMO_RUN)
+
+# Side by side: the four variants (ABLATIONS=1 adds [n_text, n_image] = [0, 4] and [1, 0] of both
+# conditionings), once per seed of SEEDS ("0 1 2" or 0,1,2), trained and evaluated one after another on
+# one shard set, then one report: runs/compare/report.md. Re-running resumes where it stopped.
+SEEDS       ?= 0
+ABLATIONS   ?=
+COMPARE_DIR ?= runs/compare
+COMPARE_EVAL_ARGS ?= --checkpoints all --scales 0,0.5,1,2,3
+comma := ,
+COMPARE_VARIANTS := early_concat early_xattn if_concat if_xattn \
+	$(if $(ABLATIONS),if_concat_t0i4 if_concat_t1i0 if_xattn_t0i4 if_xattn_t1i0,)
+COMPARE_RUNS := $(foreach v,$(COMPARE_VARIANTS),$(foreach s,$(subst $(comma), ,$(SEEDS)),$(COMPARE_DIR)/$(v)-s$(s)))
+compare: setup
+	$(MAKE) --no-print-directory shards
+	@set -e; for run in $(COMPARE_RUNS); do \
+	  name=$${run##*/}; variant=$${name%-s*}; seed=$${name##*-s}; \
+	  echo "== $$run: train $$variant, seed $$seed"; \
+	  $(PY) -m train --variant $$variant --shards $(SHARDS) --out $$run --seed $$seed \
+	    $(if $(PRESET),--preset $(PRESET),) $(if $(STEPS),--steps $(STEPS),) $(TRAIN_ARGS); \
+	  echo "== $$run: evaluate"; \
+	  $(PY) -m evaluate --run $$run $(COMPARE_EVAL_ARGS) $(EVAL_ARGS); \
+	done
+	$(PY) -m evaluate.compare $(COMPARE_RUNS) --out $(COMPARE_DIR)
+
 bench: setup
 	$(PY) -m train.bench --json bench-train.json
+
+bench-pipeline: setup
+	$(PY) -m pipeline bench --json bench-pipeline.json
 
 clean-venv:
 	rm -rf $(VENV)
