@@ -166,3 +166,39 @@ def test_two_process_ddp_keeps_ranks_identical_and_logs_the_mean_loss(shapes_sha
         assert h0["loss"] == h1["loss"] == logged[step]
         assert h0["loss"] == pytest.approx((h0["loss_local"] + h1["loss_local"]) / 2, rel=1e-6)
         assert h0["loss_local"] != h1["loss_local"], "ranks must see different data"
+
+
+class VAEShardSetStub:
+    """A shard set of VAE moments (8 channels = mean ‖ logvar) whose VAE cannot be loaded, as offline."""
+    latent_format, latent_channels, latent_size, latent_scale = "moments", 4, 8, 0.23
+    text_len, text_dim, splits = 77, 32, ["train", "val"]
+
+    def __init__(self, path):
+        pass
+
+    def null_text(self):
+        return torch.zeros(77, 32)
+
+    def loader(self, split="train", batch_size=4, seed=0, num_workers=0, resampled=True):
+        g = torch.Generator().manual_seed(seed)
+        while True:
+            yield {"latent": torch.randn(batch_size, 8, 8, 8, generator=g).half(),
+                   "text": torch.randn(batch_size, 77, 32, generator=g).half(), "key": ["k"] * batch_size}
+
+    def records(self, split):
+        for i in range(4):
+            yield {"json": {"captions": [f"caption {i}"]}, "text": torch.randn(5, 77, 32).numpy()}
+
+    def image_codec(self, device):
+        raise OSError("no VAE at stabilityai/sd-vae-ft-ema")
+
+
+def test_vae_shard_set_trains_and_skips_previews_it_cannot_decode(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("pipeline.reader.ShardSet", VAEShardSetStub)
+    result = train("if_xattn", "stub", tmp_path / "vae", overrides=dict(SMALL, patch_size=2, steps=4, ckpt_every=4,
+                                                                         preview_every=2, num_workers=0))
+    assert result.stopped == "finished" and json.loads((tmp_path / "vae" / "config.json").read_text())["train"][
+        "preset"] == "coco"  # chosen from the shard set: VAE latents mean the paper's recipe
+    assert result.model.cfg.in_chans == 4 and result.model.cfg.img_size == 8  # moments are sampled to 4 channels
+    assert "previews disabled (OSError: no VAE" in capsys.readouterr().out
+    assert not (tmp_path / "vae" / "previews").exists() and losses(tmp_path / "vae")[-1][0] == 4

@@ -13,7 +13,7 @@ SIGTERM the whole state is checkpointed atomically; every `preview_every` steps 
 Exact resume: each step's random draws come from a generator seeded by (seed, rank, step), and the data
 stream is a deterministic function of its seed, re-seeded at every `ckpt_every` boundary; a checkpoint
 stores that seed and how far into it the run was. A resumed run reproduces an uninterrupted run's losses
-bit for bit (tests/test_train_resume.py).
+bit for bit (tests/test_train_loop.py).
 
 Only torch is imported at module level: the shard reader (webdataset), tqdm, TensorBoard and matplotlib are
 imported where the full loop needs them, so `train_step` and train.bench run on a bare GPU machine.
@@ -402,7 +402,8 @@ def train(variant: str, shards: str | Path, out: str | Path, *, preset: str | No
                           if shard_set.latent_format == "pixels" else shard_set.image_codec(device).decode)
             x = ddim_sample(ema, prompt_text, null_text, seeds=list(range(len(captions))),
                             steps=cfg.preview_steps, scale=cfg.preview_scale, autocast_dtype=autocast_dtype)
-            images = decode(x)
+            with torch.no_grad():
+                images = decode(x)
         except Exception as exc:  # a missing VAE must not end a long run: report it and stop previewing
             say(f"previews disabled ({type(exc).__name__}: {exc}); for a VAE shard set, install diffusers and "
                 f"make the manifest's VAE reachable; --preview-every 0 turns previews off")
