@@ -1,4 +1,4 @@
-"""python -m pipeline shapes|coco|table|verify|bench ...  (docs/sections/pipeline.md)"""
+"""python -m pipeline shapes|coco|table|verify|bench ...  (README.md, "Encoding data")"""
 from __future__ import annotations
 
 import argparse

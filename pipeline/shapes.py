@@ -16,7 +16,7 @@ and 64 px), and pixels are rasterised by testing sub-pixel samples at exact bina
 Randomness uses only `random.Random(int).random()`, the one stream Python promises never to change
 (numpy's Generator methods may change their streams between releases).
 
-Torch-free: numpy and Pillow only. Contract: docs/CONTRACTS.md §1; user docs: docs/sections/shapes.md.
+Torch-free: numpy and Pillow only. Contract: docs/CONTRACTS.md §1; user docs: README.md, "The shapes data set".
 """
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ A source does two things:
               while listing (duplicate ids, captions pointing at no image);
   load(row)   runs inside a Ray CPU task: returns the PIL image, the raw captions and extra json fields.
 Everything else -- caption cleaning, mode conversion, size checks, crop and resize -- is shared and lives in
-`prepare`, so every source rejects bad input the same way and says why (docs/sections/pipeline.md).
+`prepare`, so every source rejects bad input the same way and says why (README.md, "Encoding data").
 """
 from __future__ import annotations
 
