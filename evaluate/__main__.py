@@ -15,6 +15,7 @@ import argparse
 import sys
 
 from evaluate.run import PRESETS, default_preset
+from evaluate.sampler import DEFAULT_SOLVER, SOLVERS
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -34,7 +35,10 @@ def parser() -> argparse.ArgumentParser:
                    help=f"defaults to use (now: {default_preset()}): gpu = the paper's protocol; cpu = small "
                         "enough for the CPU demo")
     p.add_argument("--num-samples", type=int, help=f"distinct prompts (gpu {gpu.num_samples}, cpu {cpu.num_samples})")
-    p.add_argument("--steps", type=int, help=f"DPM-Solver++ model evaluations (gpu {gpu.steps}, cpu {cpu.steps})")
+    p.add_argument("--steps", type=int, help=f"model evaluations of the solver (gpu {gpu.steps}, cpu {cpu.steps})")
+    p.add_argument("--solver", choices=SOLVERS, help=f"ODE solver (default {DEFAULT_SOLVER}): uvit = U-ViT's "
+                                                   "DPM-Solver path (its published FIDs); dpmpp2m = diffusers' "
+                                                   "multistep DPM-Solver++ (docs/sampling.md)")
     p.add_argument("--scale", type=float, help="guidance scale s, U-ViT convention eps_c + s(eps_c - eps_u); "
                                                "diffusers' guidance_scale = s + 1 (default 1)")
     p.add_argument("--scales", type=_floats, help="guidance sweep, e.g. 0,0.5,1,2,3 (fills by_scale)")

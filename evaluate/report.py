@@ -17,7 +17,8 @@ def summary(m: dict) -> str:
     lines = [f"evaluation of {m['run']}  ({m['variant']}, checkpoint step {m['step']:,}, EMA weights)"]
     if m.get("preset_note"):
         lines.append(f"  note         {m['preset_note']}")
-    lines.append(f"  samples      {m['num_samples']:,} {m['split']} prompts, {m['steps']} DPM-Solver++ steps, "
+    solver = m.get("solver", "dpmpp2m")  # metrics.json written before the choice existed: diffusers' solver
+    lines.append(f"  samples      {m['num_samples']:,} {m['split']} prompts, {m['steps']} steps of the {solver} solver, "
                  f"scale s={m['scale']:g} (guidance_scale {m['guidance_scale']:g}), seed {m['seed']}")
     s = m["sampling"]
     lines.append(f"  sampling     {_num(s.get('images_per_s'), '.2f')} images/s with guidance (sampling + decoding, "

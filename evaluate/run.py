@@ -30,7 +30,7 @@ from evaluate import judge
 from evaluate.clip_score import ClipScorer, ClipUnavailable, clip_scores
 from evaluate.fid import (INCEPTION, FIDFeatures, FIDUnavailable, frechet_distance, manifest_key,
                           reference_statistics, statistics)
-from evaluate.sampler import sample
+from evaluate.sampler import DEFAULT_SOLVER, SOLVER_NOTES, check_solver, sample
 from evaluate.samples import Prompt, SampleFolder, choose_prompts, iter_sample_batches, sample_file, save_grid
 from pipeline.encoders import DEFAULT_CLIP
 from pipeline.reader import ShardSet
@@ -45,7 +45,8 @@ from train.trainer import Dist, init_distributed
 class EvalConfig:
     preset: str = "gpu"
     num_samples: int = 30_000  # the paper's FID-30K: distinct val images, one seeded caption each
-    steps: int = 50  # DPM-Solver++ model evaluations
+    steps: int = 50  # model evaluations (each a doubled cond + uncond batch)
+    solver: str = DEFAULT_SOLVER  # "uvit" (U-ViT's DPM-Solver path, its FIDs) | "dpmpp2m" (evaluate.sampler)
     scale: float = 1.0  # U-ViT's guidance scale s (diffusers' guidance_scale s + 1); the paper's FID uses 1
     scales: tuple[float, ...] = ()  # guidance sweep (by_scale)
     checkpoints: str = "latest"  # "latest" | "all" | "STEP,STEP,..." (by_step)
@@ -62,6 +63,7 @@ class EvalConfig:
     def __post_init__(self):
         if self.num_samples < 1 or self.steps < 1 or self.batch_size < 1:
             raise ValueError("num_samples, steps and batch_size must be >= 1")
+        check_solver(self.solver)
 
 
 # The paper's protocol needs a GPU; on a CPU the defaults shrink so `make demo` stays in its time budget.
@@ -73,8 +75,8 @@ PRESETS = {
                       clip="none"),
 }
 PRESET_NOTES = {
-    "gpu": "paper protocol: DPM-Solver++ with 50 model evaluations, up to 30,000 distinct prompts",
-    "cpu": "CPU preset (few prompts, 25 DPM-Solver++ steps, 256 reference images, no CLIP score): indicative "
+    "gpu": "paper protocol: U-ViT's DPM-Solver with 50 model evaluations, up to 30,000 distinct prompts",
+    "cpu": "CPU preset (few prompts, 25 solver steps, 256 reference images, no CLIP score): indicative "
            "only, not the paper's FID-30K protocol; FID from a few dozen samples is strongly biased upwards",
 }
 
@@ -180,7 +182,7 @@ def generate(model, codec, null_text: torch.Tensor, prompts: list[Prompt], folde
             context = torch.from_numpy(np.stack([p.text for p in padded])).to(device).float()
             t0 = time.perf_counter()
             latents = sample(model, context, null_text, steps=cfg.steps, scale=scale,
-                             seeds=[p.seed for p in padded])
+                             seeds=[p.seed for p in padded], solver=cfg.solver)
             images = codec.decode(latents)[:len(batch)].cpu()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
@@ -196,7 +198,8 @@ def generate(model, codec, null_text: torch.Tensor, prompts: list[Prompt], folde
     timing_file = folder.path / "sampling.json"
     if images:
         timing = {"images": images, "seconds": round(wall, 3), "images_per_s": images / wall if wall else None,
-                  "steps": cfg.steps, "scale": scale, "batch_size": cfg.batch_size, "world_size": dist.world,
+                  "steps": cfg.steps, "solver": cfg.solver, "scale": scale, "batch_size": cfg.batch_size,
+                  "world_size": dist.world,
                   "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
         if dist.master:
             timing_file.write_text(json.dumps(timing, indent=1))
@@ -291,7 +294,8 @@ def evaluate_run(run_dir: str | Path, cfg: EvalConfig) -> dict | None:
     set_key = manifest_key(shard_set.manifest)
 
     def folder_params(step, scale, split):
-        return {"step": step, "steps": cfg.steps, "scale": scale, "seed": cfg.seed, "split": split,
+        return {"step": step, "steps": cfg.steps, "solver": cfg.solver, "scale": scale, "seed": cfg.seed,
+                "split": split,
                 "num_samples": len(prompts if split == cfg.split else extra_prompts[split]),
                 "shard_set": set_key}
 
@@ -335,10 +339,10 @@ def evaluate_run(run_dir: str | Path, cfg: EvalConfig) -> dict | None:
     metrics = {
         "run": str(run_dir), "variant": run_config["variant"], "step": main_step,
         "preset": cfg.preset, "preset_note": PRESET_NOTES.get(cfg.preset),
-        "num_samples": main["num_samples"], "steps": cfg.steps, "scale": cfg.scale,
+        "num_samples": main["num_samples"], "steps": cfg.steps, "solver": cfg.solver, "scale": cfg.scale,
         "guidance_scale": guidance_scale_equivalent(cfg.scale), "seed": cfg.seed, "split": cfg.split,
-        "sampler": "DPM-Solver++ (diffusers DPMSolverMultistepScheduler, order 2), EMA weights, "
-                   + ("bf16 autocast" if device.type == "cuda" else "fp32"),
+        "sampler": f"{SOLVER_NOTES[cfg.solver]}, EMA weights, " + ("bf16 autocast" if device.type == "cuda"
+                                                                   else "fp32"),
         "fid": main["fid"], **({"fid_skipped": main["fid_skipped"]} if main.get("fid_skipped") else {}),
         "fid_reference": f"{shard_set.path}/fid_reference: {cfg.split} images"
                          + (f", the first {cfg.fid_reference_images}" if cfg.fid_reference_images else ", all"),

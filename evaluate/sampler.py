@@ -33,7 +33,6 @@ import math
 from typing import Callable, Sequence
 
 import torch
-from diffusers import DPMSolverMultistepScheduler
 
 from train.diffusion import NUM_TRAIN_TIMESTEPS, SCHEDULER_KWARGS, alphas_cumprod, guided_eps
 
@@ -165,7 +164,9 @@ def solve_uvit(eps_fn: EpsFn, x: torch.Tensor, steps: int,
 
 # ----------------------------------------------------------------------------------------- dpmpp2m
 
-def make_scheduler(steps: int) -> DPMSolverMultistepScheduler:
+def make_scheduler(steps: int):
+    from diffusers import DPMSolverMultistepScheduler  # only this path needs diffusers (slow to import)
+
     scheduler = DPMSolverMultistepScheduler(**SCHEDULER_KWARGS, algorithm_type="dpmsolver++", solver_order=2)
     scheduler.set_timesteps(steps)
     return scheduler
