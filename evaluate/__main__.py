@@ -49,8 +49,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=["val", "holdout"], help="prompt and FID reference split (default val)")
     p.add_argument("--inception-weights", metavar="PATH",
                    help="torch-fidelity's weights-inception-2015-12-05-6726825d.pth, for offline machines")
-    p.add_argument("--fid-features", metavar="NAME", help="torch-fidelity feature extractor for FID "
-                                                          "(default inception-v3-compat, the standard FID)")
+    p.add_argument("--fid-features", metavar="NAME", help="feature extractor for FID: a torch-fidelity name "
+                                                          "(default inception-v3-compat, the standard FID), or "
+                                                          "pytorch-fid (needs that package: U-ViT's FID path)")
+    p.add_argument("--fid-ref", metavar="FILE.npz", help="FID reference statistics (mu, sigma: pytorch-fid's "
+                                                         "format, e.g. U-ViT's fid_stats_mscoco256_val.npz) "
+                                                         "instead of the split's own images")
     p.add_argument("--clip", metavar="SPEC", help="CLIP for the CLIP score: NAME:TAG, NAME:FILE, FILE, "
                                                   "local-dir:DIR, or none (default ViT-L-14-quickgelu:openai)")
     p.add_argument("--shards", help="the run's shard set, if it has moved since training")
@@ -64,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     if (args.run is None) == (args.run_dir is None):
         p.error("name the run once: --run DIR (or DIR alone)")
     run_dir = args.run or args.run_dir
+    from evaluate.fid import FIDReferenceError
     from evaluate.report import summary
     from evaluate.run import config_from_args, evaluate_run
 
@@ -72,7 +77,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config_from_args(args.preset, **options)
     except ValueError as e:
         p.error(str(e))
-    metrics = evaluate_run(run_dir, cfg)
+    try:
+        metrics = evaluate_run(run_dir, cfg)
+    except FIDReferenceError as e:  # a bad --fid-ref, found before any sampling
+        p.error(str(e))
     if metrics is not None:  # rank 0
         print(summary(metrics))
     return 0

@@ -28,8 +28,8 @@ from tqdm.auto import tqdm
 
 from evaluate import judge
 from evaluate.clip_score import ClipScorer, ClipUnavailable, clip_scores
-from evaluate.fid import (INCEPTION, FIDFeatures, FIDUnavailable, frechet_distance, manifest_key,
-                          reference_statistics, statistics)
+from evaluate.fid import (INCEPTION, FIDFeatures, FIDUnavailable, frechet_distance, load_statistics,
+                          manifest_key, reference_statistics, save_statistics, statistics)
 from evaluate.sampler import DEFAULT_SOLVER, SOLVER_NOTES, check_solver, sample
 from evaluate.samples import Prompt, SampleFolder, choose_prompts, iter_sample_batches, sample_file, save_grid
 from pipeline.encoders import DEFAULT_CLIP
@@ -54,7 +54,8 @@ class EvalConfig:
     seed: int = 0  # selects the prompts, their captions and each image's noise seed
     split: str = "val"  # prompts and FID reference images
     inception_weights: str | None = None  # local Inception file for offline clusters
-    fid_features: str = INCEPTION  # torch-fidelity feature extractor (its FID layer)
+    fid_features: str = INCEPTION  # torch-fidelity feature extractor (its FID layer), or "pytorch-fid"
+    fid_ref: str | None = None  # reference statistics .npz (pytorch-fid's format, e.g. U-ViT's) instead of the split
     fid_reference_images: int | None = None  # first N images of the split for the reference (None: all)
     clip: str = DEFAULT_CLIP  # open_clip spec (pipeline.encoders), or "none"
     shards: str | None = None  # the shard set, when it has moved since training (default: the run's)
@@ -107,16 +108,19 @@ def select_checkpoints(run_dir: Path, spec: str) -> list[int]:
 class Scorers:
     fid: FIDFeatures | None
     fid_reference: dict | None
+    fid_reference_warning: str | None
     fid_skipped: str | None
     clip: ClipScorer | None
     clip_skipped: str | None
 
     @classmethod
     def load(cls, cfg: EvalConfig, shard_set: ShardSet, device: torch.device, dist: Dist) -> "Scorers":
-        fid = reference = fid_skipped = None
+        fid = reference = warning = fid_skipped = None
         try:
             fid = FIDFeatures(cfg.inception_weights, device, cfg.fid_features)
-            if dist.master:  # only rank 0 computes FID; the cache makes later runs instant
+            if cfg.fid_ref:  # checked on every rank: a bad file stops all of them before any sampling
+                reference, warning = load_statistics(cfg.fid_ref, fid)
+            elif dist.master:  # only rank 0 computes FID; the cache makes later runs instant
                 reference = reference_statistics(shard_set, fid, cfg.split, max_images=cfg.fid_reference_images)
         except FIDUnavailable as e:
             fid, fid_skipped = None, str(e)
@@ -133,7 +137,7 @@ class Scorers:
         # Every rank scores its share, so a metric one rank cannot compute is skipped on all of them.
         fid_skipped = next((r for r in _gather(fid_skipped, dist) if r), None)
         clip_skipped = next((r for r in _gather(clip_skipped, dist) if r), None)
-        return cls(None if fid_skipped else fid, reference, fid_skipped,
+        return cls(None if fid_skipped else fid, reference, warning, fid_skipped,
                    None if clip_skipped else clip, clip_skipped)
 
 
@@ -240,7 +244,11 @@ def score(folder: SampleFolder, n: int, scorers: Scorers | None, dist: Dist, jud
         elif sum(len(f) for f in features) < 2:
             out["fid_skipped"] = "fewer than 2 readable samples"
         else:
-            out["fid"] = frechet_distance(statistics(torch.cat(features)), scorers.fid_reference)
+            sample_stats = statistics(torch.cat(features))
+            out["fid"] = frechet_distance(sample_stats, scorers.fid_reference)
+            # The samples' side in pytorch-fid's format too, for FID against any other reference later.
+            out["fid_statistics"] = str(save_statistics(folder.path.parent / "fid_stats.npz", sample_stats,
+                                                        scorers.fid.name))
         out["clip_score"] = clip_scores(torch.cat(cosines)) if cosines else None
         if scorers.clip is None:
             out["clip_skipped"] = scorers.clip_skipped
@@ -289,6 +297,8 @@ def evaluate_run(run_dir: str | Path, cfg: EvalConfig) -> dict | None:
     for name, reason in (("FID", scorers.fid_skipped), ("CLIP score", scorers.clip_skipped)):
         if reason:
             say(f"{name} skipped: {reason}")
+    if scorers.fid_reference_warning:
+        say(f"warning: {scorers.fid_reference_warning}")
     codec = shard_set.image_codec(device)
     null_text = shard_set.null_text().to(device)
     set_key = manifest_key(shard_set.manifest)
@@ -344,8 +354,11 @@ def evaluate_run(run_dir: str | Path, cfg: EvalConfig) -> dict | None:
         "sampler": f"{SOLVER_NOTES[cfg.solver]}, EMA weights, " + ("bf16 autocast" if device.type == "cuda"
                                                                    else "fp32"),
         "fid": main["fid"], **({"fid_skipped": main["fid_skipped"]} if main.get("fid_skipped") else {}),
-        "fid_reference": f"{shard_set.path}/fid_reference: {cfg.split} images"
-                         + (f", the first {cfg.fid_reference_images}" if cfg.fid_reference_images else ", all"),
+        "fid_reference": str(cfg.fid_ref) if cfg.fid_ref else (
+            f"{shard_set.path}/fid_reference: {cfg.split} images"
+            + (f", the first {cfg.fid_reference_images}" if cfg.fid_reference_images else ", all")),
+        **({"fid_reference_warning": scorers.fid_reference_warning} if scorers.fid_reference_warning else {}),
+        "fid_features": cfg.fid_features, "fid_statistics": main.get("fid_statistics"),
         "clip_score": main["clip_score"], "clip_model": None if scorers.clip is None else scorers.clip.spec,
         **({"clip_skipped": main["clip_skipped"]} if main.get("clip_skipped") else {}),
         "sampling": {"images_per_s": timing.get("images_per_s"), "seconds": timing.get("seconds"),

@@ -144,3 +144,29 @@ def test_sample_cli_writes_pngs_for_free_text(evaluated, tmp_path, capsys):
         "two_red_circles_grid.png", "two_red_circles_seed0.png", "two_red_circles_seed1.png"]
     out = capsys.readouterr().out
     assert "judge: exact scene" in out and "2 dpmpp2m steps" in out
+
+
+def test_fid_ref_file_gives_the_same_fid_as_the_split_images(evaluated, shapes_shards, tmp_path, capsys):
+    """A pytorch-fid-format reference of the same val images and features is the same reference."""
+    from evaluate.fid import FIDFeatures, decode_png, frechet_distance, load_statistics
+
+    run, args = evaluated
+    first = json.loads((run / "eval" / "metrics.json").read_text())
+    features = FIDFeatures(device="cpu", extractor=register_tiny_fid())
+    images = torch.stack([decode_png(r["png"]) for r in ShardSet(shapes_shards).records("val")])
+    act = features(images).numpy().astype(np.float64)
+    ref = tmp_path / "fid_stats_val.npz"  # as pytorch-fid and U-ViT write it: no `features` entry
+    np.savez(ref, mu=act.mean(0), sigma=np.cov(act, rowvar=False))
+    main_only = [a for a in args if a not in ("--scales", "0,1", "--checkpoints", "all")]
+    assert evaluate_main(main_only + ["--fid-ref", str(ref)]) == 0
+    m = json.loads((run / "eval" / "metrics.json").read_text())
+    assert m["fid"] == pytest.approx(first["fid"], rel=1e-5) and m["fid_reference"] == str(ref)
+    assert "pytorch-fid" in m["fid_reference_warning"] and "warning:" in capsys.readouterr().out
+    # The samples' statistics are written in the same format: FID from the two files is the reported one.
+    samples, _ = load_statistics(m["fid_statistics"])
+    assert frechet_distance(samples, load_statistics(ref)[0]) == pytest.approx(m["fid"], rel=1e-9)
+    # A file that cannot be a reference stops the evaluation at once: one line, exit status 2.
+    (tmp_path / "bad.npz").write_text("no")
+    with pytest.raises(SystemExit) as stop:
+        evaluate_main(main_only + ["--fid-ref", str(tmp_path / "bad.npz")])
+    assert stop.value.code == 2 and "not a readable statistics" in capsys.readouterr().err
