@@ -208,6 +208,10 @@ def reference_statistics(shard_set, features: FIDFeatures, split: str = "val", b
     The cache file stores the manifest key it was computed from; a changed shard set (new manifest) or
     another feature extractor recomputes it. A read-only shard set still works, just without the cache.
     """
+    if shard_set.manifest.get("stores_images", True) is False:  # e.g. built from U-ViT's extracted features
+        raise FIDUnavailable(f"the shard set {shard_set.path} holds no images to compute FID reference statistics "
+                             "from: pass --fid-ref FILE.npz (for U-ViT's fid_stats_mscoco256_val.npz also "
+                             "--fid-features pytorch-fid)")
     limit = f"-first{max_images}" if max_images else ""
     cache = Path(shard_set.path) / CACHE_DIR / f"{split}-{features.name}{limit}.npz"
     key = manifest_key(shard_set.manifest)

@@ -84,6 +84,13 @@ def test_reference_statistics_cached_and_invalidated(tmp_path, features, capsys)
     assert ss.reads == 2
 
 
+def test_a_shard_set_without_images_asks_for_a_reference_file(tmp_path, features):
+    ss = FakeShardSet(tmp_path, random_images(4, 0), {"stores_images": False, "shards": {}})
+    with pytest.raises(FIDUnavailable, match="--fid-ref FILE.npz"):
+        reference_statistics(ss, features, "val")
+    assert ss.reads == 0  # refused before reading the split
+
+
 def test_missing_inception_weights_name_the_fix(tmp_path, monkeypatch):
     with pytest.raises(FIDUnavailable, match="--inception-weights"):
         FIDFeatures(weights_path=tmp_path / "nope.pth", device="cpu")
