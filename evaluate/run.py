@@ -305,8 +305,7 @@ def evaluate_run(run_dir: str | Path, cfg: EvalConfig) -> dict | None:
 
     def folder_params(step, scale, split):
         return {"step": step, "steps": cfg.steps, "solver": cfg.solver, "scale": scale, "seed": cfg.seed,
-                "split": split,
-                "num_samples": len(prompts if split == cfg.split else extra_prompts[split]),
+                "split": split, "num_samples": len(prompts if split == cfg.split else extra_prompts[split]),
                 "shard_set": set_key}
 
     results, timing, main_model = {}, None, None
@@ -351,8 +350,7 @@ def evaluate_run(run_dir: str | Path, cfg: EvalConfig) -> dict | None:
         "preset": cfg.preset, "preset_note": PRESET_NOTES.get(cfg.preset),
         "num_samples": main["num_samples"], "steps": cfg.steps, "solver": cfg.solver, "scale": cfg.scale,
         "guidance_scale": guidance_scale_equivalent(cfg.scale), "seed": cfg.seed, "split": cfg.split,
-        "sampler": f"{SOLVER_NOTES[cfg.solver]}, EMA weights, " + ("bf16 autocast" if device.type == "cuda"
-                                                                   else "fp32"),
+        "sampler": f"{SOLVER_NOTES[cfg.solver]}, EMA weights, {'bf16 autocast' if device.type == 'cuda' else 'fp32'}",
         "fid": main["fid"], **({"fid_skipped": main["fid_skipped"]} if main.get("fid_skipped") else {}),
         "fid_reference": str(cfg.fid_ref) if cfg.fid_ref else (
             f"{shard_set.path}/fid_reference: {cfg.split} images"

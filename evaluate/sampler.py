@@ -132,7 +132,7 @@ def solve_uvit(eps_fn: EpsFn, x: torch.Tensor, steps: int,
         (alpha_t, sigma_t), (_, sigma_s) = ns.alpha_sigma(t), ns.alpha_sigma(s)
         return (sigma_t / sigma_s) * x - alpha_t * math.expm1(ns.lam(s) - ns.lam(t)) * d_s
 
-    def slope(d_s, d_r, s, r, t):  # (d_r - d_s) / r with r the fraction of the step s -> t (in lambda) at r
+    def slope(d_s, d_r, s, r, t):  # (d_r - d_s) / rho, rho = (lambda_r - lambda_s) / (lambda_t - lambda_s)
         return (d_r - d_s) * ((ns.lam(t) - ns.lam(s)) / (ns.lam(r) - ns.lam(s)))
 
     def alpha_phi2(s, t):  # the slope's coefficient in a group's middle state and end
