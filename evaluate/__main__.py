@@ -16,6 +16,8 @@ import sys
 
 from evaluate.run import PRESETS, default_preset
 from evaluate.sampler import DEFAULT_SOLVER, SOLVERS
+from ifvit.cli import ArgumentParser, entry_point
+from ifvit.files import CACHE_ENV, DEFAULT_CACHE
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -25,10 +27,10 @@ def _floats(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers like 0,0.5,1,2,3, got {text!r}")
 
 
-def parser() -> argparse.ArgumentParser:
+def parser() -> ArgumentParser:
     gpu, cpu = PRESETS["gpu"], PRESETS["cpu"]
-    p = argparse.ArgumentParser(prog="python -m evaluate", description=__doc__.split("\n\n")[0], epilog=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m evaluate", description=__doc__.split("\n\n")[0], epilog=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", nargs="?", metavar="RUN", help="the run directory, as --run (for torchrun)")
     p.add_argument("--run", help="run directory written by `python -m train`")
     p.add_argument("--preset", choices=list(PRESETS),
@@ -58,29 +60,24 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--clip", metavar="SPEC", help="CLIP for the CLIP score: NAME:TAG, NAME:FILE, FILE, "
                                                   "local-dir:DIR, or none (default ViT-L-14-quickgelu:openai)")
     p.add_argument("--shards", help="the run's shard set, if it has moved since training")
+    p.add_argument("--cache-dir", metavar="DIR", help=f"where FID reference statistics are cached (default "
+                                                      f"${CACHE_ENV} or {DEFAULT_CACHE})")
     p.add_argument("--compile", action="store_true", default=None, help="compile the model (GPU)")
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+@entry_point
+def main(argv: list[str]) -> int:
     p = parser()
     args = p.parse_args(argv)
     if (args.run is None) == (args.run_dir is None):
         p.error("name the run once: --run DIR (or DIR alone)")
     run_dir = args.run or args.run_dir
-    from evaluate.fid import FIDReferenceError
     from evaluate.report import summary
     from evaluate.run import config_from_args, evaluate_run
 
-    options = {k: v for k, v in vars(args).items() if k not in ("run", "run_dir", "preset")}
-    try:
-        cfg = config_from_args(args.preset, **options)
-    except ValueError as e:
-        p.error(str(e))
-    try:
-        metrics = evaluate_run(run_dir, cfg)
-    except FIDReferenceError as e:  # a bad --fid-ref, found before any sampling
-        p.error(str(e))
+    options = {k: v for k, v in vars(args).items() if k not in ("run", "run_dir", "preset", "debug")}
+    metrics = evaluate_run(run_dir, config_from_args(args.preset, **options))  # a bad --fid-ref stops it first
     if metrics is not None:  # rank 0
         print(summary(metrics))
     return 0

@@ -20,14 +20,17 @@ attention_compare.png (early against intermediate fusion) to --out (default RUN/
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from evaluate.plotting import new_figure, save_figure, write_text
+from evaluate.plotting import new_figure, save_figure
 from evaluate.sampler import DEFAULT_SOLVER, SOLVERS
+from ifvit.cli import ArgumentParser, entry_point
+from ifvit.errors import BadConfig
+from ifvit.files import atomic_write_json
+from ifvit.lock import FolderLock
 
 TOP_K = 10
 
@@ -114,15 +117,16 @@ class AttentionStats:
 
 def analyse_run(run_dir: str | Path, *, num_prompts: int = 8, steps: int = 50, scale: float = 3.0,
                 seed: int = 0, batch_size: int = 8, remove_border: bool = False,
-                device: str = "cpu", solver: str = DEFAULT_SOLVER) -> dict:
-    """Sample `num_prompts` val prompts with the run's EMA model and summarise its text attention."""
-    from evaluate.samples import choose_prompts
+                device: str = "cpu", solver: str = DEFAULT_SOLVER, shards: str | None = None) -> dict:
+    """Sample `num_prompts` val prompts with the run's EMA model and summarise its text attention.
+    `shards` replaces the run's recorded shard set (--shards)."""
+    from evaluate.prompts import choose_prompts
     from evaluate.sampler import sample
-    from pipeline.reader import ShardSet
-    from train.checkpoint import load_run
+    from train.run_dir import RunDir
 
-    model, config = load_run(run_dir, device=device)
-    shards = ShardSet(config["shards"])
+    run = RunDir.open(run_dir, shards=shards)
+    model = run.load_model(device=device)
+    shards = run.shard_set()
     prompts, problems = choose_prompts(shards, "val", num_prompts, seed=seed)
     for problem in problems:
         print(f"left out: {problem}")
@@ -143,7 +147,7 @@ def analyse_run(run_dir: str | Path, *, num_prompts: int = 8, steps: int = 50, s
     return {
         "run": str(run_dir),
         "label": Path(run_dir).name,
-        "variant": config.get("variant"),
+        "variant": run.variant,
         "fusion": cfg.fusion,
         "conditioning": cfg.conditioning,
         "block_names": model.block_names(),
@@ -239,7 +243,7 @@ def write_outputs(results: list[dict], out: Path) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "attention.json", "maps": out / "attention_maps.png",
              "spectra": out / "attention_spectra.png"}
-    write_text(paths["json"], json.dumps({"runs": results}, indent=1))
+    atomic_write_json(paths["json"], {"runs": results})
     plot_maps(results, paths["maps"])
     plot_spectra(results, paths["spectra"])
     if len(results) > 1:
@@ -263,9 +267,10 @@ def print_summary(results: list[dict], paths: dict[str, Path]) -> None:
         print(f"{name:>8}: {path}")
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+@entry_point
+def main(argv: list[str]) -> int:
+    p = ArgumentParser(prog="python -m evaluate.attention", description=__doc__.split("\n\n")[0],
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--run", action="append", required=True, metavar="DIR",
                    help="a run directory; repeat to compare runs (e.g. early against intermediate fusion)")
     p.add_argument("--num-prompts", type=int, default=8, help="val prompts to sample (default 8)")
@@ -277,19 +282,22 @@ def main(argv=None) -> None:
     p.add_argument("--no-border", action="store_true", help="drop the latent border ring, as the paper does")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", type=Path, help="output folder (default: RUN/eval/attention for one run)")
+    p.add_argument("--shards", help="the shard set (prompts and text encodings), if it has moved since training")
     args = p.parse_args(argv)
     if args.out is None:
         if len(args.run) > 1:
             p.error("several runs: pass --out DIR for the shared plots")
         args.out = Path(args.run[0]) / "eval" / "attention"
 
-    results = [analyse_run(run, num_prompts=args.num_prompts, steps=args.steps, scale=args.scale,
-                           seed=args.seed, batch_size=args.batch_size, remove_border=args.no_border,
-                           device=args.device, solver=args.solver) for run in args.run]
-    names = {tuple(r["block_names"]) for r in results}
-    if len(names) > 1:
-        raise SystemExit("runs have U's of different depths: compare runs of one model size")
-    print_summary(results, write_outputs(results, args.out))
+    with FolderLock(args.out, "python -m evaluate.attention"):
+        results = [analyse_run(run, num_prompts=args.num_prompts, steps=args.steps, scale=args.scale,
+                               seed=args.seed, batch_size=args.batch_size, remove_border=args.no_border,
+                               device=args.device, solver=args.solver, shards=args.shards) for run in args.run]
+        names = {tuple(r["block_names"]) for r in results}
+        if len(names) > 1:
+            raise BadConfig("runs have U's of different depths: compare runs of one model size")
+        print_summary(results, write_outputs(results, args.out))
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""CLIP score of generated images against the caption each was generated from (DESIGN.md §7).
+"""CLIP score of generated images against the caption each was generated from (docs/design.md, "Recipe").
 
 One cosine per image, between open_clip's normalised image and text embeddings of
 "A photo depicts <prompt>" (Hessel et al.'s prefix), reported on two scales:
@@ -70,7 +70,7 @@ def clip_scores(cosines: torch.Tensor) -> dict[str, float]:
 
 def score_samples(scorer: ClipScorer, samples_dir: str | Path, batch_size: int = 64) -> dict[str, float]:
     """CLIP scores of a samples folder, each image against the prompt stored beside it in index.jsonl."""
-    from evaluate.samples import iter_sample_batches
+    from evaluate.sample_folder import iter_sample_batches
 
     cos = [scorer.cosines(images, [e["prompt"] for e in entries])
            for images, entries in iter_sample_batches(samples_dir, batch_size)]

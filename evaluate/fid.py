@@ -1,7 +1,7 @@
 """FID with torch-fidelity's Inception features, streamed batch by batch (docs/sampling.md, "FID reference").
 
     features = FIDFeatures(weights_path=None, device="cuda")   # raises FIDUnavailable with the fix
-    ref = reference_statistics(shard_set, features)            # cached inside the shard set
+    ref = reference_statistics(shard_set, features)            # cached in ~/.cache/ifvit (or $IFVIT_CACHE)
     ref = load_statistics("fid_stats_mscoco256_val.npz", features)   # or a pytorch-fid / U-ViT file
     fid = frechet_distance(statistics(torch.cat(sample_features)), ref)
 
@@ -30,16 +30,19 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch_fidelity
-from PIL import Image
 from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 from tqdm import tqdm
+
+from evaluate.images import load_png
+from ifvit.errors import UserError
+from ifvit.files import atomic_path, cache_dir as cache_dir_of
 
 INCEPTION = "inception-v3-compat"
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 PYTORCH_FID = "pytorch-fid"  # pytorch-fid's own Inception path (optional package), the one U-ViT's FIDs used
 PYTORCH_FID_FILE = "pt_inception-2015-12-05-6726825d.pth"
-CACHE_DIR = "fid_reference"  # inside the shard set
+CACHE_DIR = "fid_reference"  # inside the cache folder (ifvit.files.cache_dir), one subfolder per shard set
 
 
 class FIDUnavailable(RuntimeError):
@@ -129,18 +132,17 @@ def frechet_distance(stats_a: dict, stats_b: dict) -> float:
     return float(fid_statistics_to_metric(a, b, verbose=False)[KEY_METRIC_FID])
 
 
-class FIDReferenceError(ValueError):
+class FIDReferenceError(UserError, ValueError):
     """A reference statistics file that cannot be used; the message says why and what to pass."""
 
 
 def save_statistics(path: str | os.PathLike, stats: dict, features: str, **extra) -> Path:
     """pytorch-fid's .npz (mu, sigma as float64) plus `features` (the extractor's name), written atomically."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.npz")
-    np.savez(tmp, mu=np.asarray(stats["mu"], dtype=np.float64), sigma=np.asarray(stats["sigma"], dtype=np.float64),
-             features=np.array(features), **{k: np.array(v) for k, v in extra.items()})
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:  # the temporary name keeps the .npz suffix, so savez adds none
+        np.savez(tmp, mu=np.asarray(stats["mu"], dtype=np.float64),
+                 sigma=np.asarray(stats["sigma"], dtype=np.float64), features=np.array(features),
+                 **{k: np.array(v) for k, v in extra.items()})
     return path
 
 
@@ -196,24 +198,32 @@ def manifest_key(manifest: dict) -> str:
 
 def decode_png(data: bytes) -> torch.Tensor:
     """PNG bytes -> uint8 [3, H, W]."""
-    with Image.open(io.BytesIO(data)) as im:
-        return torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1)
+    return load_png(io.BytesIO(data))
+
+
+def reference_cache(shard_set, features: FIDFeatures, split: str, max_images: int | None,
+                    cache_dir: str | os.PathLike | None = None) -> Path:
+    """Where the reference statistics of (shard set, split, extractor, image count) are cached: under the
+    cache folder (--cache-dir, $IFVIT_CACHE, ~/.cache/ifvit), never inside the shard set, which is the
+    pipeline's finished product. One subfolder per shard-set location (its name and a hash of its absolute
+    path); the file inside remembers the manifest it was computed from."""
+    where = Path(shard_set.path).resolve()
+    folder = f"{where.name}-{hashlib.sha256(str(where).encode()).hexdigest()[:12]}"
+    limit = f"-first{max_images}" if max_images else ""
+    return cache_dir_of(cache_dir) / CACHE_DIR / folder / f"{split}-{features.name}{limit}.npz"
 
 
 def reference_statistics(shard_set, features: FIDFeatures, split: str = "val", batch_size: int = 64,
-                         max_images: int | None = None) -> dict[str, np.ndarray]:
+                         max_images: int | None = None,
+                         cache_dir: str | os.PathLike | None = None) -> dict[str, np.ndarray]:
     """FID statistics of the shard set's `split` images (the first `max_images` in shard order, default
-    all), cached in `<shards>/fid_reference/`.
-
-    The cache file stores the manifest key it was computed from; a changed shard set (new manifest) or
-    another feature extractor recomputes it. A read-only shard set still works, just without the cache.
-    """
+    all), cached (`reference_cache`). The cache file also stores the manifest key it was computed from and
+    is recomputed when that differs; an unwritable cache folder only costs the recomputation next time."""
     if shard_set.manifest.get("stores_images", True) is False:  # e.g. built from U-ViT's extracted features
         raise FIDUnavailable(f"the shard set {shard_set.path} holds no images to compute FID reference statistics "
                              "from: pass --fid-ref FILE.npz (for U-ViT's fid_stats_mscoco256_val.npz also "
                              "--fid-features pytorch-fid)")
-    limit = f"-first{max_images}" if max_images else ""
-    cache = Path(shard_set.path) / CACHE_DIR / f"{split}-{features.name}{limit}.npz"
+    cache = reference_cache(shard_set, features, split, max_images, cache_dir)
     key = manifest_key(shard_set.manifest)
     if cache.is_file():
         with np.load(cache, allow_pickle=False) as f:
@@ -249,5 +259,5 @@ def reference_statistics(shard_set, features: FIDFeatures, split: str = "val", b
         save_statistics(cache, stats, features.name, key=key)  # also a pytorch-fid file: --fid-ref takes it
     except OSError as e:
         print(f"could not cache FID reference statistics in {cache.parent} ({e}); they will be recomputed "
-              "next time: make the shard set writable to keep them")
+              "next time: pass --cache-dir DIR (or set IFVIT_CACHE) to a writable folder to keep them")
     return stats

@@ -1,7 +1,7 @@
 """The automatic judge of the `shapes` data set: read an image back into objects, score it against a prompt.
 
 What the paper measured with human raters (object counts, Fig. 5) is measured here by a program, which is
-possible because `shapes` scenes have exact ground truth (pipeline/shapes.py, DESIGN.md §6).
+possible because `shapes` scenes have exact ground truth (pipeline/shapes.py; docs/design.md, "The shapes world").
 
     objects = read_scene(image)              # [{"color", "shape", "x", "y", "size"}], x/y/size in [0, 1]
     result  = score(objects, target)         # target: a scene dict or shapes.parse_caption(prompt)
@@ -201,12 +201,9 @@ def judge_images(images: Sequence, targets: Sequence[dict], config: JudgeConfig 
 def plot_count_error(runs: Mapping[str, dict], path: str | os.PathLike, title: str | None = None) -> None:
     """Fig. 5-style plot: average count error (left) and match ratio (right) against the requested count,
     one line per label. `runs` maps a label (run or variant name) to an `aggregate` result."""
-    # The object-oriented Figure API needs no pyplot backend or global state: safe in headless jobs.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from evaluate.plotting import new_figure, save_figure
 
-    figure = Figure(figsize=(9, 3.6), layout="constrained")
-    FigureCanvasAgg(figure)
+    figure = new_figure(9, 3.6)
     error_axis, match_axis = figure.subplots(1, 2)
     counts = range(1, MAX_OBJECTS + 1)
     for label, metrics in runs.items():
@@ -222,7 +219,4 @@ def plot_count_error(runs: Mapping[str, dict], path: str | os.PathLike, title: s
     match_axis.legend(fontsize="small")
     if title:
         figure.suptitle(title)
-    path = os.fspath(path)
-    tmp = f"{path}.tmp.png"
-    figure.savefig(tmp, dpi=120)
-    os.replace(tmp, path)  # never leave a half-written figure behind
+    save_figure(figure, path, dpi=120)

@@ -4,9 +4,10 @@
 """
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
+
+from ifvit.cli import ArgumentParser, entry_point
 
 
 def _num(value, fmt: str = ".3f", missing: str = "-") -> str:
@@ -54,16 +55,14 @@ def summary(m: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        print("usage: python -m evaluate.report RUN_DIR", file=sys.stderr)
-        return 2
-    path = Path(argv[0]) / "eval" / "metrics.json"
-    if not path.is_file():
-        print(f"no {path}: evaluate the run first (python -m evaluate --run {argv[0]})", file=sys.stderr)
-        return 1
-    print(summary(json.loads(path.read_text())))
+@entry_point
+def main(argv: list[str]) -> int:
+    p = ArgumentParser(prog="python -m evaluate.report", description=__doc__.split("\n\n")[0])
+    p.add_argument("run", metavar="RUN", help="an evaluated run directory")
+    args = p.parse_args(argv)
+    from train.run_dir import RunDir
+
+    print(summary(RunDir.open(args.run).read_eval_metrics()))
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Evaluate a run: sample, decode, score; write runs/NAME/eval/ (CONTRACTS §6). The CLI is evaluate/__main__.py.
+"""Evaluate a run: sample, decode, score; write runs/NAME/eval/ (docs/CONTRACTS.md §6). CLI: evaluate/__main__.py.
 
 One evaluation *setting* is (checkpoint step, guidance scale) on a fixed prompt set. For each setting, from
 top to bottom:
@@ -7,7 +7,10 @@ top to bottom:
      decodes through the shard set's image codec and writes PNGs + index lines (resumable);
   2. score: every rank reads its share back from the folder -- the prompt stored beside each image -- and
      computes Inception features, CLIP cosines and (shapes) the judge's reading; rank 0 gathers them and
-     computes FID against the shard set's cached reference statistics, CLIP-S and the judge's aggregate.
+     computes FID against the split's reference statistics (cached in the cache folder), CLIP-S and the
+     judge's aggregate.
+
+The eval folder is locked for the whole job (rank 0 holds it): a second evaluation of the same run stops.
 
 The main setting (newest selected checkpoint, --scale) writes eval/samples/; a guidance sweep (--scales) and
 training curves (--checkpoints all) add settings under eval/sweep/ and fill `by_scale` / `by_step`.
@@ -15,7 +18,6 @@ training curves (--checkpoints all) add settings under eval/sweep/ and fill `by_
 from __future__ import annotations
 
 import json
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
@@ -23,7 +25,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as torch_dist
 from tqdm.auto import tqdm
 
 from evaluate import judge
@@ -31,14 +32,17 @@ from evaluate.clip_score import ClipScorer, ClipUnavailable, clip_scores
 from evaluate.fid import (INCEPTION, FIDFeatures, FIDUnavailable, frechet_distance, load_statistics,
                           manifest_key, reference_statistics, save_statistics, statistics)
 from evaluate.sampler import DEFAULT_SOLVER, SOLVER_NOTES, check_solver, sample
-from evaluate.samples import Prompt, SampleFolder, choose_prompts, iter_sample_batches, sample_file, save_grid
+from evaluate.prompts import Prompt, choose_prompts
+from evaluate.sample_folder import SampleFolder, iter_sample_batches, sample_file, save_grid
+from ifvit.errors import BadConfig, MissingPath
+from ifvit.files import atomic_write_json
 from pipeline.encoders import DEFAULT_CLIP
 from pipeline.reader import ShardSet
-from train.checkpoint import list_checkpoints, load_run
 from train.diffusion import guidance_scale_equivalent
+from train.distributed import Dist, init_distributed, shutdown
 from train.flops import paper_flops, true_flops
 from train.model import count_params
-from train.trainer import Dist, init_distributed
+from train.run_dir import RunDir
 
 
 @dataclass(frozen=True)
@@ -59,11 +63,12 @@ class EvalConfig:
     fid_reference_images: int | None = None  # first N images of the split for the reference (None: all)
     clip: str = DEFAULT_CLIP  # open_clip spec (pipeline.encoders), or "none"
     shards: str | None = None  # the shard set, when it has moved since training (default: the run's)
+    cache_dir: str | None = None  # FID reference statistics (default $IFVIT_CACHE or ~/.cache/ifvit)
     compile: bool = False  # model.compile() before sampling (GPU, worth it for FID-30K)
 
     def __post_init__(self):
         if self.num_samples < 1 or self.steps < 1 or self.batch_size < 1:
-            raise ValueError("num_samples, steps and batch_size must be >= 1")
+            raise BadConfig("--num-samples, --steps and --batch-size must be >= 1")
         check_solver(self.solver)
 
 
@@ -86,19 +91,22 @@ def default_preset() -> str:
     return "gpu" if torch.cuda.is_available() else "cpu"
 
 
-def select_checkpoints(run_dir: Path, spec: str) -> list[int]:
-    available = [step for step, _ in list_checkpoints(run_dir)]
+def select_checkpoints(run: RunDir, spec: str) -> list[int]:
+    available = [step for step, _ in run.checkpoints()]
     if not available:
-        raise FileNotFoundError(f"no checkpoint in {run_dir}/checkpoints: train first (make train) or pass "
-                                "the right --run")
+        raise MissingPath(f"no checkpoint in {run.path}/checkpoints: train first (make train) or pass "
+                          "the right --run")
     if spec == "latest":
         return available[-1:]
     if spec == "all":
         return available
-    wanted = sorted({int(s) for s in spec.split(",") if s.strip()})
+    try:
+        wanted = sorted({int(s) for s in spec.split(",") if s.strip()})
+    except ValueError:
+        raise BadConfig(f"--checkpoints {spec!r}: use latest, all or STEP,STEP,...") from None
     missing = [s for s in wanted if s not in available]
     if missing:
-        raise FileNotFoundError(f"no checkpoint for step(s) {missing} in {run_dir}: available are {available}")
+        raise MissingPath(f"no checkpoint for step(s) {missing} in {run.path}: available are {available}")
     return wanted
 
 
@@ -121,7 +129,8 @@ class Scorers:
             if cfg.fid_ref:  # checked on every rank: a bad file stops all of them before any sampling
                 reference, warning = load_statistics(cfg.fid_ref, fid)
             elif dist.master:  # only rank 0 computes FID; the cache makes later runs instant
-                reference = reference_statistics(shard_set, fid, cfg.split, max_images=cfg.fid_reference_images)
+                reference = reference_statistics(shard_set, fid, cfg.split, max_images=cfg.fid_reference_images,
+                                                 cache_dir=cfg.cache_dir)
         except FIDUnavailable as e:
             fid, fid_skipped = None, str(e)
         clip = clip_skipped = None
@@ -135,31 +144,10 @@ class Scorers:
             except ClipUnavailable as e:
                 clip_skipped = str(e)
         # Every rank scores its share, so a metric one rank cannot compute is skipped on all of them.
-        fid_skipped = next((r for r in _gather(fid_skipped, dist) if r), None)
-        clip_skipped = next((r for r in _gather(clip_skipped, dist) if r), None)
+        fid_skipped = next((r for r in dist.gather(fid_skipped) if r), None)
+        clip_skipped = next((r for r in dist.gather(clip_skipped) if r), None)
         return cls(None if fid_skipped else fid, reference, warning, fid_skipped,
                    None if clip_skipped else clip, clip_skipped)
-
-
-def _broadcast(obj, dist: Dist):
-    if dist.world == 1:
-        return obj
-    box = [obj]
-    torch_dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _gather(obj, dist: Dist) -> list:
-    if dist.world == 1:
-        return [obj]
-    out = [None] * dist.world
-    torch_dist.all_gather_object(out, obj)
-    return out
-
-
-def _barrier(dist: Dist) -> None:
-    if dist.world > 1:
-        torch_dist.barrier()
 
 
 # ----------------------------------------------------------------------------------------- one setting
@@ -169,7 +157,7 @@ def generate(model, codec, null_text: torch.Tensor, prompts: list[Prompt], folde
     """Sample this rank's share of `prompts` that the folder does not hold yet; returns timing."""
     if dist.master:
         folder.prepare()
-    _barrier(dist)
+    dist.barrier()
     done = folder.done()
     todo = [i for i in range(dist.rank, len(prompts), dist.world) if sample_file(i) not in done]
     device = null_text.device
@@ -195,8 +183,8 @@ def generate(model, codec, null_text: torch.Tensor, prompts: list[Prompt], folde
             bar.update(len(batch))
     for future in written:
         future.result()  # a failed write stops here, with its own error
-    timings = _gather((len(todo), seconds), dist)
-    _barrier(dist)
+    timings = dist.gather((len(todo), seconds))
+    dist.barrier()
     images = sum(n for n, _ in timings)
     wall = max(s for _, s in timings)
     timing_file = folder.path / "sampling.json"
@@ -206,7 +194,7 @@ def generate(model, codec, null_text: torch.Tensor, prompts: list[Prompt], folde
                   "world_size": dist.world,
                   "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
         if dist.master:
-            timing_file.write_text(json.dumps(timing, indent=1))
+            atomic_write_json(timing_file, timing)
     else:  # everything was already there (a resumed or repeated evaluation): report the original timing
         timing = json.loads(timing_file.read_text()) if timing_file.is_file() else {"images": 0}
     return timing
@@ -215,7 +203,7 @@ def generate(model, codec, null_text: torch.Tensor, prompts: list[Prompt], folde
 def score(folder: SampleFolder, n: int, scorers: Scorers | None, dist: Dist, judge_scenes: bool) -> dict | None:
     """FID, CLIP score and judge metrics of the first `n` samples of the folder (rank 0 gets the dict)."""
     entries = folder.finish() if dist.master else None
-    entries = _broadcast(entries, dist)[:n]
+    entries = dist.broadcast(entries)[:n]
     problems: list[str] = []
     features, cosines, judged = [], [], []
     mine = entries[dist.rank::dist.world]
@@ -228,8 +216,8 @@ def score(folder: SampleFolder, n: int, scorers: Scorers | None, dist: Dist, jud
             for image, entry in zip(images, batch):
                 if entry.get("scene"):
                     judged.append(judge.score(judge.read_scene(image.permute(1, 2, 0).numpy()), entry["scene"]))
-    parts = _gather((torch.cat(features) if features else None, torch.cat(cosines) if cosines else None,
-                     judged, problems), dist)
+    parts = dist.gather((torch.cat(features) if features else None, torch.cat(cosines) if cosines else None,
+                         judged, problems))
     if not dist.master:
         return None
     features = [p[0] for p in parts if p[0] is not None]
@@ -268,28 +256,33 @@ def headline(result: dict) -> dict:
 
 def evaluate_run(run_dir: str | Path, cfg: EvalConfig) -> dict | None:
     """Evaluate `run_dir` with `cfg`; writes run_dir/eval/ and returns metrics.json's dict (rank 0)."""
-    run_dir = Path(run_dir)
     dist = init_distributed("auto")
+    try:
+        run = RunDir.open(run_dir, shards=cfg.shards)
+        with dist.exclusive(run.eval_dir, f"python -m evaluate --run {run_dir}"):
+            return _evaluate(run, cfg, dist)
+    finally:
+        shutdown()
+
+
+def _evaluate(run: RunDir, cfg: EvalConfig, dist: Dist) -> dict | None:
     device = dist.device
     if device.type == "cuda":  # TF32 for the fp32 parts (VAE decoder, Inception, CLIP); the U-ViT runs in bf16
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    run_config = json.loads((run_dir / "config.json").read_text())
-    shard_set = ShardSet(cfg.shards or run_config["shards"])
-    steps = select_checkpoints(run_dir, cfg.checkpoints)
+    shard_set = run.shard_set()
+    steps = select_checkpoints(run, cfg.checkpoints)
     main_step = steps[-1]
-    eval_dir = run_dir / "eval"
+    eval_dir = run.eval_dir
     say = tqdm.write if dist.master else (lambda *_: None)
 
     prompts, prompt_problems = choose_prompts(shard_set, cfg.split, cfg.num_samples, cfg.seed)
     if not prompts:
-        raise ValueError(f"no usable {cfg.split} records in {shard_set.path}: "
-                         + "; ".join(prompt_problems[:3]))
+        raise MissingPath(f"no usable {cfg.split} records in {shard_set.path}: " + "; ".join(prompt_problems[:3]))
     if len(prompts) < cfg.num_samples:
         say(f"{cfg.split} has {len(prompts)} usable records: evaluating {len(prompts)} samples, "
             f"not {cfg.num_samples}")
-    is_shapes = any(p.scene for p in prompts)
     # The judge reads val AND holdout (unseen colour-shape pairs) at the main setting.
-    judge_splits = [s for s in ("val", "holdout") if is_shapes and s in shard_set.splits]
+    judge_splits = [s for s in ("val", "holdout") if shard_set.is_shapes and s in shard_set.splits]
     extra_prompts = {s: choose_prompts(shard_set, s, cfg.num_samples, cfg.seed)[0]
                      for s in judge_splits if s != cfg.split}
 
@@ -310,7 +303,7 @@ def evaluate_run(run_dir: str | Path, cfg: EvalConfig) -> dict | None:
 
     results, timing, main_model = {}, None, None
     for step in steps:
-        model, _ = load_run(run_dir, step, ema=True, device=device)
+        model = run.load_model(step, ema=True, device=device)
         if cfg.compile and device.type == "cuda":
             model.compile()
         scales = [cfg.scale] + ([s for s in cfg.scales if s != cfg.scale] if step == main_step else [])
@@ -320,7 +313,7 @@ def evaluate_run(run_dir: str | Path, cfg: EvalConfig) -> dict | None:
             folder = SampleFolder(where / "samples", folder_params(step, scale, cfg.split), dist.rank)
             t = generate(model, codec, null_text, prompts, folder, cfg, scale, dist,
                          desc=f"sampling step {step} scale {scale:g} ({cfg.split})")
-            results[(step, scale)] = score(folder, len(prompts), scorers, dist, is_shapes)
+            results[(step, scale)] = score(folder, len(prompts), scorers, dist, shard_set.is_shapes)
             if main:
                 timing, main_model = t, model
         if step == main_step:
@@ -331,8 +324,6 @@ def evaluate_run(run_dir: str | Path, cfg: EvalConfig) -> dict | None:
                          desc=f"sampling step {step} scale {cfg.scale:g} ({split})")
                 results[(step, cfg.scale, split)] = score(folder, len(split_prompts), None, dist, True)
 
-    if dist.world > 1:
-        torch_dist.destroy_process_group()
     if not dist.master:
         return None
     main = results[(main_step, cfg.scale)]
@@ -341,19 +332,22 @@ def evaluate_run(run_dir: str | Path, cfg: EvalConfig) -> dict | None:
         shapes = {s: (main if s == cfg.split else results[(main_step, cfg.scale, s)])["shapes"]
                   for s in judge_splits}
         judge.plot_count_error({s: m for s, m in shapes.items() if m}, eval_dir / "count_error.png",
-                               title=f"{run_config['variant']} step {main_step}, scale {cfg.scale:g}")
-    grid = save_grid(eval_dir / "samples", eval_dir / "grid.png")
+                               title=f"{run.variant} step {main_step}, scale {cfg.scale:g}")
+    grid = save_grid(run.samples_dir, eval_dir / "grid.png")
 
-    previous = _read_json(eval_dir / "metrics.json")
+    try:
+        previous = run.read_eval_metrics()
+    except (MissingPath, json.JSONDecodeError):
+        previous = {}
     metrics = {
-        "run": str(run_dir), "variant": run_config["variant"], "step": main_step,
+        "run": str(run.path), "variant": run.variant, "step": main_step,
         "preset": cfg.preset, "preset_note": PRESET_NOTES.get(cfg.preset),
         "num_samples": main["num_samples"], "steps": cfg.steps, "solver": cfg.solver, "scale": cfg.scale,
         "guidance_scale": guidance_scale_equivalent(cfg.scale), "seed": cfg.seed, "split": cfg.split,
         "sampler": f"{SOLVER_NOTES[cfg.solver]}, EMA weights, {'bf16 autocast' if device.type == 'cuda' else 'fp32'}",
         "fid": main["fid"], **({"fid_skipped": main["fid_skipped"]} if main.get("fid_skipped") else {}),
         "fid_reference": str(cfg.fid_ref) if cfg.fid_ref else (
-            f"{shard_set.path}/fid_reference: {cfg.split} images"
+            f"{shard_set.path}: {cfg.split} images"
             + (f", the first {cfg.fid_reference_images}" if cfg.fid_reference_images else ", all")),
         **({"fid_reference_warning": scorers.fid_reference_warning} if scorers.fid_reference_warning else {}),
         "fid_features": cfg.fid_features, "fid_statistics": main.get("fid_statistics"),
@@ -371,31 +365,17 @@ def evaluate_run(run_dir: str | Path, cfg: EvalConfig) -> dict | None:
         if cfg.scales else previous.get("by_scale", []),
         "by_step": [{"step": s, "scale": cfg.scale, **headline(results[(s, cfg.scale)])} for s in steps]
         if cfg.checkpoints != "latest" else previous.get("by_step", []),
-        "grid": str(grid), "samples": str(eval_dir / "samples"),
+        "grid": str(grid), "samples": str(run.samples_dir),
         "problems": prompt_problems + [m for r in results.values() for m in r["problems"]],
         "config": asdict(cfg),
     }
-    _atomic_json(eval_dir / "metrics.json", metrics)
+    run.write_eval_metrics(metrics)
     return metrics
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
-
-
-def _atomic_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
 
 
 def config_from_args(preset: str | None = None, **overrides) -> EvalConfig:
     """The preset (default: by device) with every non-None override applied."""
     preset = preset or default_preset()
     if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
+        raise BadConfig(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
     return replace(PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None})

@@ -16,13 +16,16 @@ from pathlib import Path
 
 import torch
 
+from evaluate.images import save_grid, save_png
 from evaluate.sampler import DEFAULT_SOLVER, SOLVERS
-from evaluate.samples import save_png
+from ifvit.cli import ArgumentParser, entry_point
+from ifvit.files import atomic_write_json
+from ifvit.lock import FolderLock
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m evaluate.sample", description=__doc__.split("\n\n")[0],
-                                epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser() -> ArgumentParser:
+    p = ArgumentParser(prog="python -m evaluate.sample", description=__doc__.split("\n\n")[0],
+                       epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", required=True, help="run directory written by `python -m train`")
     p.add_argument("--prompt", required=True, action="append", help="text prompt (repeat for several)")
     p.add_argument("--num", type=int, default=4, help="images per prompt (default 4)")
@@ -42,56 +45,48 @@ def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:60] or "prompt"
 
 
-def main(argv: list[str] | None = None) -> int:
+@entry_point
+def main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
-    import json
-
-    from torchvision.utils import make_grid
-
     from evaluate import judge
     from evaluate.sampler import sample
-    from pipeline.reader import ShardSet
     from pipeline.shapes import parse_caption
-    from train.checkpoint import load_run
+    from train.run_dir import RunDir
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    run = Path(args.run)
-    model, config = load_run(run, args.step, ema=True, device=device)
-    shard_set = ShardSet(args.shards or config["shards"])
+    run = RunDir.open(args.run, shards=args.shards)
+    shard_set = run.shard_set()
+    model = run.load_model(args.step, ema=True, device=device)
     encoder, codec = shard_set.text_encoder(device), shard_set.image_codec(device)
     null_text = shard_set.null_text().to(device)
-    out = Path(args.out) if args.out else run / "text_samples"
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out) if args.out else run.path / "text_samples"
     seeds = list(range(args.seed, args.seed + args.num))
-    is_shapes = shard_set.manifest["source"].get("kind") == "shapes"
 
-    for prompt in args.prompt:
-        context = encoder([prompt]).to(device).expand(args.num, -1, -1)
-        images = codec.decode(sample(model, context, null_text, steps=args.steps, scale=args.scale,
-                                     seeds=seeds, solver=args.solver)).cpu()
-        paths = [out / f"{slug(prompt)}_seed{s}.png" for s in seeds]
-        for image, path in zip(images, paths):
-            save_png(image, path)
-        factor = max(1, -(-128 // images.shape[-1]))  # enlarge small (shapes) images for viewing
-        grid = make_grid(images.repeat_interleave(factor, -1).repeat_interleave(factor, -2), nrow=min(8, args.num),
-                         padding=2, pad_value=255)
-        save_png(grid, out / f"{slug(prompt)}_grid.png")
-        print(f"{prompt!r}: {len(paths)} images in {out}/ ({paths[0].name} ... ; grid {slug(prompt)}_grid.png), "
-              f"scale {args.scale:g}, {args.steps} {args.solver} steps, seeds {seeds[0]}..{seeds[-1]}")
+    with FolderLock(out, "python -m evaluate.sample"):
+        for prompt in args.prompt:
+            context = encoder([prompt]).to(device).expand(args.num, -1, -1)
+            images = codec.decode(sample(model, context, null_text, steps=args.steps, scale=args.scale,
+                                         seeds=seeds, solver=args.solver)).cpu()
+            paths = [out / f"{slug(prompt)}_seed{s}.png" for s in seeds]
+            for image, path in zip(images, paths):
+                save_png(image, path)
+            save_grid(images, out / f"{slug(prompt)}_grid.png")
+            print(f"{prompt!r}: {len(paths)} images in {out}/ ({paths[0].name} ... ; grid {slug(prompt)}_grid.png), "
+                  f"scale {args.scale:g}, {args.steps} {args.solver} steps, seeds {seeds[0]}..{seeds[-1]}")
 
-        if not is_shapes:
-            continue
-        target = parse_caption(prompt)
-        if target is None:
-            print("  judge: not read -- the prompt is outside the shapes caption grammar "
-                  "(e.g. 'two red circles and a blue square', 'a red circle left of a blue square')")
-        else:
-            results = [judge.score(judge.read_scene(im.permute(1, 2, 0).numpy()), target) for im in images]
-            marks = " ".join("ok" if r["exact"] else "x" for r in results)
-            counts = "; ".join(", ".join(f"{g['counted']}/{g['requested']} {g['color']} {g['shape']}"
-                                         for g in r["groups"]) for r in results)
-            print(f"  judge: exact scene {marks}   counted/requested: {counts}")
-            (out / f"{slug(prompt)}_judge.json").write_text(json.dumps(results, indent=1))
+            if not shard_set.is_shapes:
+                continue
+            target = parse_caption(prompt)
+            if target is None:
+                print("  judge: not read -- the prompt is outside the shapes caption grammar "
+                      "(e.g. 'two red circles and a blue square', 'a red circle left of a blue square')")
+            else:
+                results = [judge.score(judge.read_scene(im.permute(1, 2, 0).numpy()), target) for im in images]
+                marks = " ".join("ok" if r["exact"] else "x" for r in results)
+                counts = "; ".join(", ".join(f"{g['counted']}/{g['requested']} {g['color']} {g['shape']}"
+                                             for g in r["groups"]) for r in results)
+                print(f"  judge: exact scene {marks}   counted/requested: {counts}")
+                atomic_write_json(out / f"{slug(prompt)}_judge.json", results)
     return 0
 
 

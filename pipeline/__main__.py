@@ -1,11 +1,14 @@
-"""python -m pipeline shapes|coco|table|verify|bench ...  (README.md, "Encoding data")"""
+"""python -m pipeline shapes|coco|table|verify|bench ...  (docs/pipeline.md)"""
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
+from ifvit.cli import ArgumentParser, entry_point
+from ifvit.errors import MissingPath
 from pipeline.encoders import DEFAULT_CLIP, DEFAULT_VAE
-from pipeline.job import RANDOM_TEXT_ENCODER, JobConfig, StrictModeError, run
+from pipeline.job import RANDOM_TEXT_ENCODER, JobConfig, run
 from pipeline.sources import CocoSource, Preprocess, ShapesSource, TableSource
 
 
@@ -41,8 +44,9 @@ def job_config(args, image_encoder: str, text_encoder: str, seed: int = 0) -> Jo
                      batch_size=args.batch_size, ray_address=args.ray_address, strict=args.strict)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__)
+@entry_point
+def main(argv: list[str]) -> int:
+    parser = ArgumentParser(prog="python -m pipeline", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("shapes", help="the embedded synthetic set: pixels + a seeded random CLIP text tower")
@@ -81,9 +85,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "verify":
         from pipeline.verify import verify
 
+        if not Path(args.path).is_dir():
+            raise MissingPath(f"no folder {args.path}: pass the shard set to check (e.g. shards/shapes)")
         return 0 if verify(args.path) else 1
     if args.command == "bench":
         from pipeline.bench import main as bench_main
+
+        if args.shards and not Path(args.shards).is_dir():
+            raise MissingPath(f"no shard set at {args.shards}: pass --shards DIR of a finished set, or leave it out "
+                              "for a synthetic COCO-shaped one")
 
         bench_main(args)
         return 0
@@ -98,11 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         source = TableSource(args.table, args.image_root, args.image_column, tuple(args.caption_column),
                              args.id_column, args.val_fraction)
         cfg = job_config(args, args.vae, args.clip)
-    try:
-        run(source, cfg)
-    except (StrictModeError, FileExistsError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    run(source, cfg)
     return 0
 
 

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from ifvit.errors import BadConfig, MissingPath, Unavailable
+
 TEXT_LEN = 77
 START_TOKEN, END_TOKEN = 49406, 49407
 DEFAULT_CLIP = "ViT-L-14-quickgelu:openai"
@@ -57,7 +59,7 @@ def parse_clip_spec(spec: str) -> tuple[str, str | None]:
         return DEFAULT_CLIP_ARCH, spec
     name, _, pretrained = spec.partition(":")
     if not pretrained:
-        raise ValueError(f"--clip {spec!r} names no weights: use NAME:TAG (e.g. {DEFAULT_CLIP}), "
+        raise BadConfig(f"--clip {spec!r} names no weights: use NAME:TAG (e.g. {DEFAULT_CLIP}), "
                          "NAME:FILE, a checkpoint FILE or local-dir:DIR")
     return name, pretrained
 
@@ -112,14 +114,14 @@ def load_text_encoder(spec: str | dict = DEFAULT_CLIP, device: str | torch.devic
     spec = spec["spec"] if isinstance(spec, dict) else spec
     name, pretrained = parse_clip_spec(spec)
     if name.startswith("local-dir:") and not (Path(name[len("local-dir:"):]) / "open_clip_config.json").is_file():
-        raise FileNotFoundError(f"no open_clip_config.json in {name[len('local-dir:'):]}: "
+        raise MissingPath(f"no open_clip_config.json in {name[len('local-dir:'):]}: "
                                 "a local-dir: folder holds open_clip_config.json and open_clip_pytorch_model.bin")
     if pretrained and Path(pretrained).suffix and not Path(pretrained).is_file():
-        raise FileNotFoundError(f"no CLIP checkpoint at {pretrained}: pass --clip NAME:FILE with an existing file")
+        raise MissingPath(f"no CLIP checkpoint at {pretrained}: pass --clip NAME:FILE with an existing file")
     try:
         model = open_clip.create_model(name, pretrained=pretrained, require_pretrained=True)
     except Exception as e:
-        raise RuntimeError(
+        raise Unavailable(
             f"could not load CLIP {spec!r} ({type(e).__name__}: {e}). Without hub access pass --clip with a "
             "checkpoint file (NAME:FILE) or an open_clip folder (local-dir:DIR); with access, unset HF_HUB_OFFLINE"
         ) from e
@@ -213,7 +215,7 @@ def load_image_codec(spec: str | dict = "pixels", device: str | torch.device = "
     try:
         vae = AutoencoderKL.from_pretrained(spec, low_cpu_mem_usage=False)
     except Exception as e:
-        raise RuntimeError(
+        raise Unavailable(
             f"could not load the VAE {spec!r} ({type(e).__name__}: {e}). Without hub access pass --vae with a "
             "local diffusers folder (AutoencoderKL.save_pretrained); with access, unset HF_HUB_OFFLINE"
         ) from e

@@ -1,4 +1,4 @@
-"""The Ray job: encode a source's captioned images into a WebDataset shard set (DESIGN.md §4).
+"""The Ray job: encode a source's captioned images into a WebDataset shard set (docs/design.md, "Shard set").
 
     driver  list the source's rows -> cut each split into shards of `shard_size` rows, in order
             -> leave out shards a previous (killed) run already finished: their sidecar exists
@@ -6,6 +6,8 @@
             encode images and captions      actor pool: one actor per GPU, else one CPU actor per node
             write the tar, then its sidecar CPU tasks (temporary name + os.replace)
     driver  tqdm over finished shards -> manifest.json, written last -> summary
+The driver holds the shard set's folder lock (ifvit.lock) from start to end: a second job into the same
+--out stops at once, naming the first.
 
 A shard is the unit of work and of resumption. Its rows are fixed by the plan and its tar appears only
 whole, so running the same command after a kill writes exactly the missing shards: every key ends up in the
@@ -20,7 +22,6 @@ import pickle
 import shutil
 import sys
 import time
-import uuid
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -29,9 +30,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from ifvit.errors import BadConfig, JobFailed
+from ifvit.files import atomic_path, atomic_write_json, is_temporary
+from ifvit.lock import FolderLock
 from pipeline.encoders import DEFAULT_CLIP, DEFAULT_VAE
-from pipeline.manifest import (FORMAT_VERSION, MANIFEST, NULL_TEXT, STAGING, TEXT_ENCODER_DIR, atomic_write_json,
-                               config_hash, load_manifest)
+from pipeline.manifest import FORMAT_VERSION, MANIFEST, NULL_TEXT, STAGING, TEXT_ENCODER_DIR, config_hash, load_manifest
 from pipeline.sources import Preprocess
 from pipeline.stages import EncodeShard, load_shard, write_shard
 
@@ -59,8 +62,12 @@ class JobConfig:
         return {"source": source.options(), **{k: v for k, v in asdict(self).items() if k in keep}}
 
 
-class StrictModeError(RuntimeError):
+class StrictModeError(JobFailed):
     pass
+
+
+class OtherOptions(BadConfig, FileExistsError):
+    """--out holds a shard set (or an unfinished job) built with other options."""
 
 
 # ----------------------------------------------------------------------------------------- driver
@@ -145,9 +152,8 @@ def prepare_text_encoder(cfg: JobConfig, out: Path) -> tuple[str, str]:
 
     folder = out / TEXT_ENCODER_DIR
     if not (folder / "open_clip_config.json").is_file():
-        tmp = out / STAGING / f"{TEXT_ENCODER_DIR}.tmp-{uuid.uuid4().hex}"
-        save_random_text_encoder(tmp, seed=cfg.seed)
-        os.replace(tmp, folder)
+        with atomic_path(folder) as tmp:
+            save_random_text_encoder(tmp, seed=cfg.seed)
     return f"local-dir:{folder.resolve()}", f"local-dir:{TEXT_ENCODER_DIR}"
 
 
@@ -206,14 +212,20 @@ def build_manifest(source, cfg: JobConfig, chash: str, plan: list[dict], sidecar
 
 
 def run(source, cfg: JobConfig) -> dict:
-    """Build (or finish, or find up to date) the shard set `cfg.out`; return its manifest."""
+    """Build (or finish, or find up to date) the shard set `cfg.out`; return its manifest. The folder is
+    locked for the whole job."""
+    with FolderLock(cfg.out, f"python -m pipeline {source.name} --out {cfg.out}"):
+        return _build(source, cfg)
+
+
+def _build(source, cfg: JobConfig) -> dict:
     start = time.time()
     out = Path(cfg.out)
     chash = config_hash(cfg.hashed(source))
     if (out / MANIFEST).is_file():
         manifest = load_manifest(out)
         if manifest["config_hash"] != chash:
-            raise FileExistsError(f"{out} already holds a shard set built with other options (config "
+            raise OtherOptions(f"{out} already holds a shard set built with other options (config "
                                   f"{manifest['config_hash']}, now {chash}): pass another --out, or delete {out}")
         shutil.rmtree(out / STAGING, ignore_errors=True)  # left only by a kill right after the manifest
         print(f"{out} is up to date (config {chash}): nothing to do")
@@ -226,16 +238,16 @@ def run(source, cfg: JobConfig) -> dict:
     staging.mkdir(parents=True, exist_ok=True)
     stamp = staging / "config.json"
     if stamp.is_file() and json.loads(stamp.read_text())["config_hash"] != chash:
-        raise FileExistsError(f"{out} holds an unfinished job with other options: run that command again to "
+        raise OtherOptions(f"{out} holds an unfinished job with other options: run that command again to "
                               f"finish it, or delete {out} to start over")
     atomic_write_json(stamp, {"config_hash": chash, "config": cfg.hashed(source)})
-    for stale in [*out.glob(".*.tmp-*"), *staging.glob("*.tmp-*")]:  # partial writes of a killed run
-        shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+    for stale in [p for folder in (out, staging) for p in folder.iterdir() if is_temporary(p)]:
+        shutil.rmtree(stale) if stale.is_dir() else stale.unlink()  # partial writes of a killed run
 
     rows, listing_skipped = source.rows()
     plan = plan_shards(rows, cfg.shard_size, cfg.limit)
     if not plan:
-        raise ValueError(f"the {source.name} source lists no images: check its paths and --limit")
+        raise BadConfig(f"the {source.name} source lists no images: check its paths and --limit")
     inputs = sum(len(s["rows"]) for s in plan)
     if cfg.strict and listing_skipped:
         raise StrictModeError(f"--strict: {len(listing_skipped)} input(s) rejected while listing, first: "
@@ -252,7 +264,7 @@ def run(source, cfg: JobConfig) -> dict:
 
     sidecars = [json.loads((staging / f"{s['name']}.json").read_text()) for s in plan]
     if not any(s["records"] for s in sidecars):
-        raise ValueError(f"every input was skipped; see the reasons in {staging}/*.json")
+        raise JobFailed(f"every input was skipped; see the reasons in {staging}/*.json")
     manifest = build_manifest(source, cfg, chash, plan, sidecars, listing_skipped, manifest_text_spec, inputs)
     manifest["timing"] = {"seconds": time.time() - start, "encode_seconds": encode_seconds,
                           "images_encoded": sum(len(s["rows"]) for s in todo),

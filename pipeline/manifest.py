@@ -1,31 +1,21 @@
-"""Small, dependency-free helpers around a shard set's files: atomic writes, checksums, the config hash.
+"""Small, dependency-free helpers around a shard set's files: names, checksums, the config hash.
 
-A shard set is complete exactly when `manifest.json` exists: every file before it is written to a temporary
-name and renamed into place (os.replace is atomic on POSIX), and the manifest is renamed in last.
+A shard set is complete exactly when `manifest.json` exists: every file before it appears whole
+(ifvit.files: written under a temporary name, then renamed), and the manifest is renamed in last.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import uuid
 from pathlib import Path
+
+from ifvit.errors import MissingPath
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 NULL_TEXT = "null_text.npy"
 TEXT_ENCODER_DIR = "text_encoder"  # a randomly initialised tower's weights, saved inside the set
 STAGING = ".staging"  # per-shard sidecars of an unfinished job; removed once the manifest is written
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-def atomic_write_json(path: Path, obj) -> None:
-    atomic_write_bytes(path, json.dumps(obj, indent=1, ensure_ascii=False).encode("utf-8"))
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -45,7 +35,7 @@ def config_hash(config: dict) -> str:
 def load_manifest(shard_dir: str | Path) -> dict:
     path = Path(shard_dir) / MANIFEST
     if not path.is_file():
-        raise FileNotFoundError(
+        raise MissingPath(
             f"no {MANIFEST} in {shard_dir}: it is not a finished shard set. Build one with "
             f"`make shards` (shapes) or `python -m pipeline coco|table ... --out {shard_dir}`; "
             "if a job was interrupted, run the same command again to finish it")

@@ -59,6 +59,12 @@ class ShardSet:
         self.text_dim: int = text["text_dim"]
         self.splits: list[str] = [s for s, info in self.manifest["splits"].items() if info["records"] > 0]
 
+    @property
+    def is_shapes(self) -> bool:
+        """Built from the embedded `shapes` generator: records carry their exact scene, the judge applies.
+        The one place that decides it (evaluate asks here)."""
+        return self.manifest.get("source", {}).get("kind") == "shapes"
+
     def __repr__(self) -> str:
         counts = ", ".join(f"{s} {self.manifest['splits'][s]['records']}" for s in self.splits)
         return (f"ShardSet({str(self.path)!r}: {counts}; {self.latent_format} "

@@ -1,4 +1,4 @@
-"""The embedded `shapes` data set: seeded captioned scenes with exact ground truth (DESIGN.md §6).
+"""The embedded `shapes` data set: seeded captioned scenes with exact ground truth (docs/shapes.md).
 
 Scenes hold 1-5 non-overlapping circles, squares and triangles in six well-separated colours on black:
 
@@ -16,7 +16,7 @@ and 64 px), and pixels are rasterised by testing sub-pixel samples at exact bina
 Randomness uses only `random.Random(int).random()`, the one stream Python promises never to change
 (numpy's Generator methods may change their streams between releases).
 
-Torch-free: numpy and Pillow only. Contract: docs/CONTRACTS.md §1; user docs: README.md, "The shapes data set".
+Torch-free: numpy and Pillow only. Contract: docs/CONTRACTS.md §1; user docs: docs/shapes.md.
 """
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ A source does two things:
               while listing (duplicate ids, captions pointing at no image);
   load(row)   runs inside a Ray CPU task: returns the PIL image, the raw captions and extra json fields.
 Everything else -- caption cleaning, mode conversion, size checks, crop and resize -- is shared and lives in
-`prepare`, so every source rejects bad input the same way and says why (README.md, "Encoding data").
+`prepare`, so every source rejects bad input the same way and says why (docs/pipeline.md, "Bad inputs").
 """
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
+
+from ifvit.errors import BadConfig, MissingPath
 
 SPLITS = ("train", "val", "holdout")
 
@@ -53,7 +55,7 @@ class CocoSource:
         for split in self.splits:
             ann_file = Path(self.root) / "annotations" / f"captions_{split}{self.year}.json"
             if not ann_file.is_file():
-                raise FileNotFoundError(f"no {ann_file}: --coco-root must hold annotations/ and {split}{self.year}/ "
+                raise MissingPath(f"no {ann_file}: --coco-root must hold annotations/ and {split}{self.year}/ "
                                         f"(from https://cocodataset.org: {split}{self.year}.zip and "
                                         f"annotations_trainval{self.year}.zip)")
             data = json.loads(ann_file.read_text(encoding="utf-8"))
@@ -98,7 +100,7 @@ def read_table(path: str):
         return pd.read_json(path, lines=suffix == ".jsonl")
     if suffix in (".csv", ".tsv"):
         return pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", keep_default_na=False)
-    raise ValueError(f"unsupported table {path}: use .parquet, .jsonl, .json, .csv or .tsv")
+    raise BadConfig(f"unsupported table {path}: use .parquet, .jsonl, .json, .csv or .tsv")
 
 
 def _as_caption_list(value) -> list:
@@ -122,6 +124,11 @@ class TableSource:
 
     def __post_init__(self):
         self.table, self.image_root = str(Path(self.table).resolve()), str(Path(self.image_root).resolve())
+        if not Path(self.table).is_file():
+            raise MissingPath(f"no table at {self.table}: pass --table FILE (.parquet, .jsonl, .json, .csv, .tsv)")
+        if not Path(self.image_root).is_dir():
+            raise MissingPath(f"no folder {self.image_root}: pass --image-root DIR, the folder the table's image "
+                              "paths are relative to")
 
     def options(self) -> dict:
         return {"kind": self.name, **asdict(self), "caption_columns": list(self.caption_columns),
@@ -133,7 +140,7 @@ class TableSource:
                                                    or c.startswith("caption")]
         missing = [c for c in [image, *captions] if c is None or c not in df.columns]
         if image is None or not captions or missing:
-            raise ValueError(f"table {self.table} has columns {list(df.columns)}: name the image path column with "
+            raise BadConfig(f"table {self.table} has columns {list(df.columns)}: name the image path column with "
                              f"--image-column and the caption column(s) with --caption-column")
         id_column = self.id_column or ("id" if "id" in df.columns else None)
         return image, captions, id_column
@@ -201,7 +208,8 @@ class ShapesSource:
 
 @dataclass(frozen=True)
 class Preprocess:
-    """Center square crop + LANCZOS resize to `resolution` (DESIGN.md §4), and what counts as unusable."""
+    """Center square crop + LANCZOS resize to `resolution` (docs/design.md, "Shard set"), and what counts as
+    unusable."""
     resolution: int = 256
     min_side: int = 32  # smaller images would be upsampled > 8x to 256: noise, not data
     max_aspect: float = 5.0  # a center square of a wider panorama keeps < 20% of what the captions describe

@@ -7,16 +7,15 @@ Data's block format, has no type for that.
 """
 from __future__ import annotations
 
-import io
 import os
 import pickle
-import uuid
 import zlib
 from pathlib import Path
 
 import numpy as np
 
-from pipeline.manifest import NULL_TEXT, STAGING, atomic_write_bytes, atomic_write_json, sha256_file
+from ifvit.files import atomic_path, atomic_write_json
+from pipeline.manifest import NULL_TEXT, STAGING, sha256_file
 from pipeline.sources import Preprocess, encode_png, prepare, skip
 
 CAPTION_CACHE_BYTES = 512 << 20  # per encoder actor
@@ -125,27 +124,21 @@ def write_shard(item: dict, out: str) -> dict:
 
     work, out = pickle.loads(item["work"]), Path(out)
     name = work["name"]
-    tmp = out / f".{name}.tmp-{uuid.uuid4().hex}"
-    with wds.TarWriter(str(tmp), mtime=0) as sink:  # fixed mtime: same inputs -> byte-identical tars
-        for record, latent, text, png in zip(work["records"], work["latents"], work["texts"], work["pngs"]):
-            sample = {"__key__": record["key"], "latent.npy": latent, "text.npy": text, "json": record}
-            if png is not None:
-                sample["png"] = png
-            sink.write(sample)
-    sidecar = {"name": name, "split": work["split"], "records": len(work["records"]),
-               "captions": sum(len(r["captions"]) for r in work["records"]),
-               "sha256": sha256_file(tmp), "bytes": tmp.stat().st_size,
-               "latent_shape": list(work["latents"][0].shape) if work["latents"] else None,
-               "skipped": work["skipped"], "truncated": work["truncated"], "stats": work["stats"],
-               "identities": work["identities"]}
-    os.replace(tmp, out / name)
+    with atomic_path(out / name, make_parents=False) as tmp:
+        with wds.TarWriter(str(tmp), mtime=0) as sink:  # fixed mtime: same inputs -> byte-identical tars
+            for record, latent, text, png in zip(work["records"], work["latents"], work["texts"], work["pngs"]):
+                sample = {"__key__": record["key"], "latent.npy": latent, "text.npy": text, "json": record}
+                if png is not None:
+                    sample["png"] = png
+                sink.write(sample)
+        sidecar = {"name": name, "split": work["split"], "records": len(work["records"]),
+                   "captions": sum(len(r["captions"]) for r in work["records"]),
+                   "sha256": sha256_file(tmp), "bytes": tmp.stat().st_size,
+                   "latent_shape": list(work["latents"][0].shape) if work["latents"] else None,
+                   "skipped": work["skipped"], "truncated": work["truncated"], "stats": work["stats"],
+                   "identities": work["identities"]}
     if not (out / NULL_TEXT).exists():
-        atomic_np_save(out / NULL_TEXT, work["null_text"])
+        with atomic_path(out / NULL_TEXT) as tmp:
+            np.save(tmp, work["null_text"])  # the temporary name ends in .npy: np.save adds nothing
     atomic_write_json(out / STAGING / f"{name}.json", sidecar)
     return {"shard": name}
-
-
-def atomic_np_save(path: Path, array: np.ndarray) -> None:
-    buffer = io.BytesIO()
-    np.save(buffer, array)
-    atomic_write_bytes(path, buffer.getvalue())

@@ -5,12 +5,15 @@
 """
 import logging
 import os
+import tempfile
 
 # Set before anything imports huggingface_hub: a missed hub call then fails at once instead of retrying
 # for 20-45 s.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# FID reference statistics go to the cache folder: a fresh one per session, never the user's ~/.cache/ifvit.
+os.environ["IFVIT_CACHE"] = tempfile.mkdtemp(prefix="ifvit-test-cache-")
 
 import pytest  # noqa: E402
 

@@ -6,7 +6,8 @@ import torch
 from PIL import Image
 
 from evaluate.clip_score import PREFIX, ClipScorer, ClipUnavailable, clip_scores, score_samples
-from evaluate.samples import Prompt, SampleFolder
+from evaluate.prompts import Prompt
+from evaluate.sample_folder import SampleFolder
 from evaluate_helpers import write_tiny_clip
 
 

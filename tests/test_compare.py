@@ -8,7 +8,7 @@ import statistics
 import pytest
 from PIL import Image
 
-from evaluate import compare
+from evaluate import compare, compare_runs
 from tiny_runs import tiny_runs
 
 SECTIONS = ["## Runs", "## Cost", "## Quality and alignment", "## Intermediate against early fusion",
@@ -101,14 +101,14 @@ def test_report_numbers_equal_metrics_json(report):
     assert "Skipped metrics" in text
 
     per_run = md_table(text, "| run | exact scene")["if_concat"]
-    for metric in compare.QUALITY:
+    for metric in compare_runs.QUALITY:
         value = metric.get(metrics)
         if value is not None:
-            assert per_run[metric.title] == compare.fmt(value, metric.digits), metric.key
+            assert per_run[metric.title] == compare_runs.fmt(value, metric.digits), metric.key
     cost = md_table(text, "| group | params")["if_concat"]
     assert cost["params"] == f"{metrics['params']:,}"
-    assert cost["GFLOPs (true) ↓"] == compare.fmt(metrics["gflops_true"])
-    assert cost["GFLOPs (paper conv.) ↓"] == compare.fmt(metrics["gflops_paper"])
+    assert cost["GFLOPs (true) ↓"] == compare_runs.fmt(metrics["gflops_true"])
+    assert cost["GFLOPs (paper conv.) ↓"] == compare_runs.fmt(metrics["gflops_paper"])
 
     log = [json.loads(line) for line in (runs["if_concat"] / "metrics.jsonl").read_text().splitlines()]
     assert row["train_steps_per_s"] == statistics.median(r["steps_per_s"] for r in log[1:])
@@ -125,7 +125,7 @@ def test_runs_differing_only_in_seed_are_one_group_with_mean_and_std(report):
     assert early["count_error"] == {"mean": pytest.approx(statistics.fmean(values)),
                                     "std": pytest.approx(statistics.stdev(values)), "n": 2}
     cell = md_table((out / "report.md").read_text(), "| group | exact scene")["early_concat"]["count error (Eq. 9) ↓"]
-    assert cell == f"{compare.fmt(early['count_error']['mean'])} ± {compare.fmt(early['count_error']['std'])} (n=2)"
+    assert cell == f"{compare_runs.fmt(early['count_error']['mean'])} ± {compare_runs.fmt(early['count_error']['std'])} (n=2)"
     delta = next(d for d in data["fusion_deltas"] if d["metric"] == "count_error")
     if_value = data["groups"][1]["count_error"]["mean"]
     assert delta["delta"] == pytest.approx(if_value - statistics.fmean(values)) and delta["n"] == [2, 1]
@@ -168,13 +168,13 @@ def test_fid_clip_trade_off_and_ablations_when_present(runs, tmp_path):
 
 def test_training_speed_skips_the_start_up_window_and_grouping_ignores_only_bookkeeping():
     rows = [{"steps_per_s": 0.1, "mfu": None}, {"steps_per_s": 2.0, "mfu": 0.3}, {"steps_per_s": 4.0, "mfu": 0.5}]
-    assert compare.training_speed(rows) == {"train_steps_per_s": 3.0, "train_samples_per_s": None, "train_mfu": 0.4}
+    assert compare_runs.training_speed(rows) == {"train_steps_per_s": 3.0, "train_samples_per_s": None, "train_mfu": 0.4}
     base = {"variant": "if_xattn", "model": {"width": 8}, "shards": "s", "train": {"seed": 0, "lr": 1e-3}}
 
     def key(**train):
         config = json.loads(json.dumps(base))
         config["train"].update(train)
-        return compare.experiment_key(compare.Run(None, "x", config, {"step": 10}))
+        return compare_runs.experiment_key(compare_runs.Run(None, "x", config, {"step": 10}))
 
     assert key(seed=1, num_workers=8) == key()
     assert key(lr=2e-4) != key()

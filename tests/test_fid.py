@@ -1,5 +1,6 @@
 """FID through torch-fidelity, offline, with a registered tiny seeded feature extractor."""
 import io
+import os
 import urllib.error
 
 import numpy as np
@@ -63,7 +64,9 @@ class FakeShardSet:
 def test_reference_statistics_cached_and_invalidated(tmp_path, features, capsys):
     ss = FakeShardSet(tmp_path, random_images(40, 0), {"config_hash": "aaa", "shards": {"s0": "sha1"}})
     first = reference_statistics(ss, features, "val", batch_size=16)
-    assert ss.reads == 1 and (tmp_path / "fid_reference" / f"val-{features.name}.npz").is_file()
+    cache = fid_module.reference_cache(ss, features, "val", None)
+    assert ss.reads == 1 and cache.is_file() and os.environ["IFVIT_CACHE"] in str(cache)
+    assert not (tmp_path / "fid_reference").exists()  # never inside the shard set
     assert "no png member" in capsys.readouterr().out
     # Same images as a direct computation: the PNG round trip is lossless.
     direct = statistics(features(random_images(40, 0)))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from evaluate import human
+from evaluate import human, human_scores
 
 RUNS = ["early_concat", "early_xattn", "if_concat", "if_xattn"]
 
@@ -39,12 +39,12 @@ def hand_key():
 
 
 def hand_sheets(tmp_path):
-    counts = write_csv(tmp_path / "count_sheet.csv", human.COUNT_FIELDS, [
+    counts = write_csv(tmp_path / "count_sheet.csv", human_scores.COUNT_FIELDS, [
         {"id": 1, "question": "q", "count": 1}, {"id": 2, "question": "q", "count": 2},
         {"id": 3, "question": "q", "count": 3}, {"id": 4, "question": "q", "count": 2},
         {"id": 5, "question": "q", "count": ""}, {"id": 6, "question": "q", "count": "many"},
     ])
-    prefs = write_csv(tmp_path / "preference_sheet.csv", human.preference_fields(4), [
+    prefs = write_csv(tmp_path / "preference_sheet.csv", human_scores.preference_fields(4), [
         {"id": 1, "caption": "a", "image_1": 1, "image_2": 2, "image_3": 3, "image_4": 4, "skipped": "N"},
         {"id": 2, "caption": "b", "image_1": 4, "image_2": 3, "image_3": 2, "image_4": 1, "skipped": ""},
         {"id": 3, "caption": "c", "skipped": "Y"},
@@ -56,8 +56,8 @@ def hand_sheets(tmp_path):
 
 def test_count_scores_reproduce_eq_9_and_10_by_hand(tmp_path):
     counts, _ = hand_sheets(tmp_path)
-    rows, _ = human.read_sheets([counts])
-    scores, problems = human.score_counts(rows, hand_key())
+    rows, _ = human_scores.read_sheets([counts])
+    scores, problems = human_scores.score_counts(rows, hand_key())
     # early_concat: (1 asked, 1 seen), (3, 2) -> errors 0, 1; matches 1, 0.  id 6 ("many") is left out.
     assert scores["early_concat"]["count_error"] == pytest.approx(0.5)
     assert scores["early_concat"]["match_ratio"] == pytest.approx(0.5)
@@ -74,8 +74,8 @@ def test_count_scores_reproduce_eq_9_and_10_by_hand(tmp_path):
 
 def test_preference_points_rank_one_earns_four(tmp_path):
     _, prefs = hand_sheets(tmp_path)
-    _, rows = human.read_sheets([prefs])
-    result, problems = human.score_preferences(rows, hand_key())
+    _, rows = human_scores.read_sheets([prefs])
+    result, problems = human_scores.score_preferences(rows, hand_key())
     # Group 1 ranks 1..4 in shown order: early_xattn 4, early_concat 3, if_xattn 2, if_concat 1.
     # Group 2 ranks 4..1: early_concat 1, early_xattn 2, if_concat 3, if_xattn 4.
     expected = {"early_concat": 2.0, "early_xattn": 3.0, "if_concat": 2.0, "if_xattn": 3.0}
@@ -83,7 +83,7 @@ def test_preference_points_rank_one_earns_four(tmp_path):
     assert all(s["n"] == 2 for s in result["runs"].values())
     assert (result["valid"], result["skipped"]) == (2, 1)
     assert len(problems) == 1 and "'4'" in problems[0]
-    assert [human.rank_points(r, 4) for r in (1, 2, 3, 4)] == [4, 3, 2, 1]
+    assert [human_scores.rank_points(r, 4) for r in (1, 2, 3, 4)] == [4, 3, 2, 1]
 
 
 def test_score_cli_writes_report_and_plots(tmp_path):
@@ -100,12 +100,12 @@ def test_score_cli_writes_report_and_plots(tmp_path):
     assert "| if_xattn | 2 | 3.000 |" in report
 
 
-def test_unknown_sheet_and_missing_key_name_the_fix(tmp_path):
+def test_unknown_sheet_and_missing_key_name_the_fix(tmp_path, capsys):
     bad = write_csv(tmp_path / "other.csv", ["a", "b"], [{"a": 1, "b": 2}])
     with pytest.raises(ValueError, match="evaluate.human make"):
-        human.read_sheets([bad])
-    with pytest.raises(SystemExit, match="--key"):
-        human.main(["score", str(bad), "--out", str(tmp_path)])
+        human_scores.read_sheets([bad])
+    assert human.main(["score", str(bad), "--out", str(tmp_path)]) == 2  # a user error: one line, status 2
+    assert "--key" in capsys.readouterr().err
 
 
 def test_rating_sets_same_seeds_for_every_run_shuffled_and_recorded():
@@ -142,20 +142,20 @@ def test_page_and_sheets_round_trip_through_the_scorer(tmp_path):
     truth = {str(i["id"]): i["requested"] for i in items}
     with open(tmp_path / "count_sheet.csv") as f:
         rows = [dict(r, count=truth[r["id"]]) for r in csv.DictReader(f)]
-    write_csv(tmp_path / "count_sheet.csv", human.COUNT_FIELDS, rows)
+    write_csv(tmp_path / "count_sheet.csv", human_scores.COUNT_FIELDS, rows)
     with open(tmp_path / "preference_sheet.csv") as f:
         rows = list(csv.DictReader(f))
     for row, group in zip(rows, groups):
         others = iter(range(2, len(labels) + 1))
         for i, run in enumerate(group["order"], start=1):
             row[f"image_{i}"] = 1 if run == "if_xattn" else next(others)
-    write_csv(tmp_path / "preference_sheet.csv", human.preference_fields(len(labels)), rows)
+    write_csv(tmp_path / "preference_sheet.csv", human_scores.preference_fields(len(labels)), rows)
 
-    counted, preferred = human.read_sheets([tmp_path / "count_sheet.csv", tmp_path / "preference_sheet.csv"])
-    counts, problems = human.score_counts(counted, key)
+    counted, preferred = human_scores.read_sheets([tmp_path / "count_sheet.csv", tmp_path / "preference_sheet.csv"])
+    counts, problems = human_scores.score_counts(counted, key)
     assert not problems
     assert all(s["count_error"] == 0.0 and s["match_ratio"] == 1.0 and s["n"] == 20 for s in counts.values())
-    prefs, problems = human.score_preferences(preferred, key)
+    prefs, problems = human_scores.score_preferences(preferred, key)
     assert not problems and prefs["runs"]["if_xattn"] == {"score": 3.0, "n": 3}
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from train.flops import paper_flops, table, true_flops
-from train.model import ABLATIONS, VARIANTS, ModelConfig, UViT, count_params, variant_config
+from train.model import ABLATIONS, VARIANTS, ModelConfig, UViT, count_params, variant_config, variant_name
 
 TINY = ModelConfig(in_chans=3, img_size=8, patch_size=2, width=32, depth=5, heads=2, text_len=6, text_dim=16)
 TINY_VARIANTS = {
@@ -157,13 +157,37 @@ def test_token_slices_describe_the_layout():
 
 
 def test_variant_config_overrides_and_errors():
-    cfg = variant_config("early_concat", n_text=1, n_image=0)
-    assert (cfg.fusion, cfg.n_text, cfg.n_image) == ("intermediate", 1, 0)
     assert variant_config("if_xattn", width=64).width == 64
     with pytest.raises(KeyError, match="choose one of"):
         variant_config("late_fusion")
     with pytest.raises(ValueError, match="n_image"):
         ModelConfig(fusion="intermediate", n_image=7)
+
+
+def test_variant_identity_comes_from_the_model_config_alone():
+    """The name a model reports is derived from its config, so it cannot disagree with what was built;
+    knob overrides either name the split they build or are refused."""
+    for name, cfg in {**VARIANTS, **ABLATIONS}.items():
+        assert variant_name(cfg) == name
+    # A preset's depth scales the default split; the model keeps its registry name at every depth.
+    for depth in (3, 5, 7, 11, 13):
+        for name in ("early_xattn", "if_concat", "if_xattn_t0i4", "if_concat_t1i0"):
+            assert variant_name(variant_config(name, depth=depth)) == name
+    assert (variant_config("if_concat", depth=7).n_text, variant_config("if_concat", depth=7).n_image) == (1, 2)
+    # Overrides that build another split name it: the ablation's registry name, or if_<cond>_t<N>i<M>.
+    assert variant_name(variant_config("if_concat", n_text=0)) == "if_concat_t0i4"
+    assert variant_name(variant_config("if_xattn", n_image=0)) == "if_xattn_t1i0"
+    assert variant_name(variant_config("if_concat", n_text=2)) == "if_concat_t2i4"
+    assert variant_name(variant_config("if_concat", n_image=3, depth=7)) == "if_concat_t1i3"
+    assert variant_config("if_xattn_t2i1") == replace(VARIANTS["if_xattn"], n_text=2, n_image=1)  # such a name is accepted
+    # ... an intermediate config without a split is early fusion, and says so.
+    assert variant_name(replace(VARIANTS["if_concat"], n_text=0, n_image=0)) == "early_concat"
+    # Refused: an early variant with a split (it would silently build an intermediate model), and an
+    # intermediate one with none (that is early fusion under another name).
+    with pytest.raises(ValueError, match="use --variant if_concat_t1i0"):
+        variant_config("early_concat", n_text=1)
+    with pytest.raises(ValueError, match="use --variant early_xattn"):
+        variant_config("if_xattn", n_text=0, n_image=0)
 
 
 def test_model_imports_with_torch_alone():

@@ -14,14 +14,17 @@ import sys
 import typing
 from dataclasses import fields
 
+from ifvit.cli import ArgumentParser, entry_point
 from train.config import PRESETS, TrainConfig, field_types, parse_overrides
 from train.model import ABLATIONS, VARIANTS
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m train", description=__doc__.split("\n\n")[0], epilog=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--variant", required=True, choices=[*VARIANTS, *ABLATIONS])
+def parser() -> ArgumentParser:
+    p = ArgumentParser(prog="python -m train", description=__doc__.split("\n\n")[0], epilog=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--variant", required=True, metavar="NAME",
+                   help=f"{', '.join([*VARIANTS, *ABLATIONS])}, or any split as if_concat_t1i2 "
+                        "(if_{concat|xattn}_t{n_text}i{n_image})")
     p.add_argument("--shards", required=True, help="shard set folder written by `python -m pipeline`")
     p.add_argument("--out", required=True, help="run directory; an existing one is resumed")
     p.add_argument("--preset", choices=list(PRESETS),
@@ -41,27 +44,20 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+@entry_point
+def main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
     raw = {k.removeprefix("cfg_"): v for k, v in vars(args).items() if k.startswith("cfg_") and v is not None}
-    try:
-        overrides = parse_overrides(raw)
-    except (KeyError, ValueError) as exc:
-        parser().error(str(exc))
+    overrides = parse_overrides(raw)  # a value of the wrong type is a BadConfig naming the option
 
-    import torch.distributed as dist
-
-    from train.trainer import NonFiniteLoss, train
+    from train.distributed import shutdown
+    from train.trainer import train
 
     try:
         train(args.variant, args.shards, args.out, preset=args.preset, overrides=overrides,
               n_text=args.n_text, n_image=args.n_image)
-    except NonFiniteLoss as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        shutdown()
     return 0
 
 

@@ -1,6 +1,6 @@
 """Training configuration: one typed dataclass and three named presets.
 
-    coco    the paper's recipe (DESIGN.md §7) on SD-VAE latents of MS-COCO: U-ViT-S/2, batch 256, 1M steps
+    coco    the paper's recipe (docs/design.md, "Recipe") on SD-VAE latents of MS-COCO: U-ViT-S/2, batch 256, 1M steps
     shapes  a GPU-sized pixel-space run on the default `shapes` set that learns counts in minutes
     tiny    the CPU demo: a few minutes on 2 cores, shows colours and layout being learned
 
@@ -16,6 +16,8 @@ import dataclasses
 import typing
 from dataclasses import dataclass, fields, replace
 
+from ifvit.errors import BadConfig, UnknownName
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -27,7 +29,7 @@ class TrainConfig:
     heads: int | None = None
     patch_size: int | None = None
 
-    # Optimisation (DESIGN.md §7). batch_size is global: summed over ranks and accumulation micro-batches.
+    # Optimisation (docs/design.md, "Recipe"). batch_size is global: summed over ranks and accumulation micro-batches.
     steps: int = 1_000_000
     batch_size: int = 256
     grad_accum: int = 1
@@ -61,11 +63,11 @@ class TrainConfig:
 
     def __post_init__(self):
         if self.precision not in ("auto", "bf16", "fp32"):
-            raise ValueError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
+            raise BadConfig(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
         if self.log_every < 1 or self.ckpt_every < 1:
-            raise ValueError("log_every and ckpt_every must be >= 1")
+            raise BadConfig("log_every and ckpt_every must be >= 1")
         if self.batch_size < 1 or self.grad_accum < 1:
-            raise ValueError("batch_size and grad_accum must be >= 1")
+            raise BadConfig("batch_size and grad_accum must be >= 1")
 
     def lr_at(self, step: int) -> float:
         """Learning rate of optimizer step `step` (1-based): linear warm-up, then constant."""
@@ -126,11 +128,17 @@ def parse_overrides(pairs: dict[str, str]) -> dict:
     types = field_types()
     unknown = sorted(set(pairs) - set(types))
     if unknown:
-        raise KeyError(f"unknown training option(s) {unknown}: known are {', '.join(types)}")
-    return {name: _parse(types[name], text) for name, text in pairs.items()}
+        raise UnknownName(f"unknown training option(s) {unknown}: known are {', '.join(types)}")
+    parsed = {}
+    for name, text in pairs.items():
+        try:
+            parsed[name] = _parse(types[name], text)
+        except ValueError as exc:
+            raise BadConfig(f"--{name.replace('_', '-')} {text}: {exc}") from exc
+    return parsed
 
 
 def make_config(preset: str, **overrides) -> TrainConfig:
     if preset not in PRESETS:
-        raise KeyError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
+        raise UnknownName(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
     return replace(PRESETS[preset], preset=preset, **overrides)

@@ -1,4 +1,4 @@
-"""Diffusion maths shared by the trainer and the sampler (DESIGN.md §7), torch only.
+"""Diffusion maths shared by the trainer and the sampler (docs/design.md, "Recipe"), torch only.
 
 SD's "scaled linear" betas 0.00085 -> 0.012 over 1000 steps, epsilon prediction, plain MSE.
 The sampler (evaluate/) builds diffusers' DPM-Solver++ from `SCHEDULER_KWARGS`, so both sides use

@@ -18,11 +18,14 @@ Only torch is imported here: the GPU machine that benchmarks this file has nothi
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from ifvit.errors import BadConfig, UnknownName
 
 FUSIONS = ("early", "intermediate")
 CONDITIONINGS = ("concat", "xattn")
@@ -46,22 +49,22 @@ class ModelConfig:
 
     def __post_init__(self):
         if self.fusion not in FUSIONS:
-            raise ValueError(f"fusion must be one of {FUSIONS}, got {self.fusion!r}")
+            raise BadConfig(f"fusion must be one of {FUSIONS}, got {self.fusion!r}")
         if self.conditioning not in CONDITIONINGS:
-            raise ValueError(f"conditioning must be one of {CONDITIONINGS}, got {self.conditioning!r}")
+            raise BadConfig(f"conditioning must be one of {CONDITIONINGS}, got {self.conditioning!r}")
         if self.depth % 2 != 1:
-            raise ValueError(f"depth must be odd (in-blocks, one mid block, out-blocks), got {self.depth}")
+            raise BadConfig(f"depth must be odd (in-blocks, one mid block, out-blocks), got {self.depth}")
         if self.fusion == "early" and (self.n_text or self.n_image):
-            raise ValueError("early fusion has no text-only or image-only blocks: use fusion='intermediate' "
+            raise BadConfig("early fusion has no text-only or image-only blocks: use fusion='intermediate' "
                              "for any (n_text, n_image) split, e.g. the [1, 0] ablation")
         if not 0 <= self.n_image <= self.depth // 2:
-            raise ValueError(f"n_image must be in [0, {self.depth // 2}] (blocks per side), got {self.n_image}")
+            raise BadConfig(f"n_image must be in [0, {self.depth // 2}] (blocks per side), got {self.n_image}")
         if self.n_text < 0:
-            raise ValueError(f"n_text must be >= 0, got {self.n_text}")
+            raise BadConfig(f"n_text must be >= 0, got {self.n_text}")
         if self.img_size % self.patch_size:
-            raise ValueError(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
+            raise BadConfig(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
         if self.width % self.heads:
-            raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
+            raise BadConfig(f"width {self.width} is not divisible by heads {self.heads}")
 
     @property
     def num_patches(self) -> int:
@@ -90,16 +93,55 @@ ABLATIONS: dict[str, ModelConfig] = {
 }
 
 
+_PATTERN = re.compile(r"if_(concat|xattn)_t(\d+)i(\d+)")
+
+
+def default_n_image(n_image: int, depth: int) -> int:
+    """Image-only blocks per side at `depth` for a split of `n_image` at the paper's depth: the same
+    fraction of each side (4 of 6 -> 2 of 3 at depth 7), so intermediate fusion stays intermediate."""
+    return round(n_image * (depth // 2) / (PAPER.depth // 2))
+
+
+def variant_name(cfg: ModelConfig) -> str:
+    """The name a model reports, from its config alone, so it cannot disagree with what was built:
+    early_{concat|xattn} when nothing is split off (n_text = n_image = 0); the registry name when the split
+    is that variant's default at this depth; otherwise if_{concat|xattn}_t{n_text}i{n_image}."""
+    if cfg.n_text == 0 and cfg.n_image == 0:
+        return f"early_{cfg.conditioning}"
+    for name, registered in {**VARIANTS, **ABLATIONS}.items():
+        if registered.fusion == "intermediate" and registered.conditioning == cfg.conditioning and \
+                (registered.n_text, default_n_image(registered.n_image, cfg.depth)) == (cfg.n_text, cfg.n_image):
+            return name
+    return f"if_{cfg.conditioning}_t{cfg.n_text}i{cfg.n_image}"
+
+
 def variant_config(name: str, **overrides) -> ModelConfig:
-    """The registered config of `name`, with any field overridden (None values are ignored)."""
+    """The config of variant `name` -- a registry name or any if_{concat|xattn}_t{N}i{M} -- with fields
+    overridden (None values ignored). A depth other than the paper's scales the default image-only blocks
+    (`default_n_image`) unless n_image is given. Overrides of n_text / n_image must keep the variant's
+    kind: they may name another split of intermediate fusion (the model then reports that name), but an
+    early variant with a split, or an intermediate one without any, is refused rather than built under a
+    name that says otherwise."""
     table = {**VARIANTS, **ABLATIONS}
-    if name not in table:
-        raise KeyError(f"unknown variant {name!r}: choose one of {', '.join(table)}")
+    if name in table:
+        base = table[name]
+    elif m := _PATTERN.fullmatch(name):
+        base = replace(PAPER, fusion="intermediate", conditioning=m[1], n_text=int(m[2]), n_image=int(m[3]))
+    else:
+        raise UnknownName(f"unknown variant {name!r}: choose one of {', '.join(table)}, or name a split "
+                             "as if_concat_t1i2 / if_xattn_t0i3 ([n_text, n_image])")
     overrides = {k: v for k, v in overrides.items() if v is not None}
-    if ("n_text" in overrides or "n_image" in overrides) and table[name].fusion == "early":
-        if overrides.get("n_text", 0) or overrides.get("n_image", 0):
-            overrides["fusion"] = "intermediate"
-    return replace(table[name], **overrides)
+    depth = overrides.get("depth", base.depth)
+    if base.fusion == "intermediate" and "n_image" not in overrides and depth != base.depth:
+        overrides["n_image"] = default_n_image(base.n_image, depth)
+    n_text, n_image = overrides.get("n_text", base.n_text), overrides.get("n_image", base.n_image)
+    if base.fusion == "early" and (n_text or n_image):
+        raise BadConfig(f"{name} has no text-only or image-only blocks, so n_text {n_text} / n_image {n_image} "
+                        f"would build another model: use --variant if_{base.conditioning}_t{n_text}i{n_image} "
+                        "(intermediate fusion with that split)")
+    if base.fusion == "intermediate" and n_text == 0 and n_image == 0:
+        raise BadConfig(f"{name} with n_text = n_image = 0 is early fusion: use --variant early_{base.conditioning}")
+    return replace(base, **overrides)
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:

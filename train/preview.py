@@ -7,12 +7,12 @@ not for scoring it.
 """
 from __future__ import annotations
 
-import os
 import textwrap
 from pathlib import Path
 
 import torch
 
+from ifvit.files import atomic_path
 from train.diffusion import NUM_TRAIN_TIMESTEPS, alphas_cumprod, guided_eps
 
 
@@ -69,7 +69,5 @@ def grid_figure(images: torch.Tensor, captions: list[str], title: str = ""):
 
 def save_figure(fig, path: Path) -> None:
     """PNG written atomically (a preview is never seen half-written)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    fig.savefig(tmp, format="png", dpi=100)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
