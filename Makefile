@@ -1,11 +1,13 @@
 # ifvit: encode once (pipeline) -> train any variant (train) -> evaluate and compare (evaluate).
-# Every target installs what it needs first through `setup` (a no-op when nothing changed).
+# Every target installs what it needs first through `setup` (a no-op when nothing changed). `make help` lists them.
 
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 STAMP  := $(VENV)/.ifvit-installed
+# -qq: pip prints errors only (its warnings about this machine's package indexes are not the user's business).
+PIP    := $(PY) -m pip install -qq
 
 export HF_HUB_OFFLINE ?= 0
 export RAY_USAGE_STATS_ENABLED = 0
@@ -24,77 +26,90 @@ OUT      ?= runs/$(VARIANT)$(if $(PRESET),-$(PRESET),)
 EVAL_ARGS ?=
 TRAIN_ARGS ?=
 
-.PHONY: setup test shards train eval compare bench bench-pipeline flops demo clean-venv
+# The one training command (make train, make compare, make demo): torchrun when NPROC > 1. Callers add
+# --variant, --out and, for compare, --seed.
+LAUNCH := $(if $(filter-out 1,$(NPROC)),$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC),$(PY))
+TRAIN   = $(LAUNCH) -m train --shards $(SHARDS) $(if $(PRESET),--preset $(PRESET),) \
+          $(if $(STEPS),--steps $(STEPS),) $(TRAIN_ARGS)
 
-setup: $(STAMP)
+.DEFAULT_GOAL := help
+.PHONY: help setup test test-fast test-gpu shards train eval compare flops bench bench-pipeline demo clean-venv
+
+help: ## this list
+	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-15s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@echo "  variables: DATASET=shapes|coco SHARDS= VARIANT= PRESET=tiny|shapes|coco NPROC= STEPS= RUN= SEEDS= ..."
+
+setup: $(STAMP) ## create .venv and install torch (pinned) and this package with its test extra
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q $(TORCH_PINS)
-	$(PY) -m pip install -q -e '.[dev]' $(TORCH_PINS)
+	$(PIP) --upgrade pip
+	$(PIP) $(TORCH_PINS)
+	$(PIP) -e '.[dev]' $(TORCH_PINS)
 	@touch $(STAMP)
 
-test: setup
+test: setup ## the whole test suite on the CPU (a few minutes)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
-flops: setup
+test-fast: setup ## the suite without the slow end-to-end tests (under 2 minutes)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow and not gpu"
+
+test-gpu: setup ## only the tests that need a CUDA device (skipped without one)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m gpu -rs
+
+flops: setup ## parameters and GFLOPs of every variant (the paper's Table 1)
 	$(PY) -m train.flops
 
-shards: setup
+shards: setup ## encode DATASET (shapes | coco) into SHARDS
 ifeq ($(DATASET),coco)
 	$(PY) -m pipeline coco --coco-root $(COCO_ROOT) --out $(SHARDS)
 else
 	$(PY) -m pipeline $(DATASET) --out $(SHARDS)
 endif
 
-train: setup
-ifeq ($(NPROC),1)
-	$(PY) -m train --variant $(VARIANT) --shards $(SHARDS) --out $(OUT) $(if $(PRESET),--preset $(PRESET),) $(if $(STEPS),--steps $(STEPS),) $(TRAIN_ARGS)
-else
-	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) -m train --variant $(VARIANT) --shards $(SHARDS) --out $(OUT) $(if $(PRESET),--preset $(PRESET),) $(if $(STEPS),--steps $(STEPS),) $(TRAIN_ARGS)
-endif
+train: setup ## train VARIANT on SHARDS into OUT (resumes an existing OUT)
+	$(TRAIN) --variant $(VARIANT) --out $(OUT)
 
-eval: setup
-	@test -n "$(RUN)" || { echo "no run found under runs/: train one first (make train) or pass RUN=runs/NAME"; exit 1; }
+eval: setup ## evaluate RUN (default: the newest run under runs/)
+	@test -n "$(RUN)" || { echo "error: no run found under runs/: train one first (make train) or pass RUN=runs/NAME"; exit 2; }
 	$(PY) -m evaluate --run $(RUN) $(EVAL_ARGS)
 
 # The whole flow on the embedded shapes set, sized for a laptop CPU: shards, the tiny if_concat run, its
 # evaluation (ends with the metrics summary and the path of the sample grid). Re-running skips what is done.
 DEMO_RUN := runs/if_concat-tiny
-demo: setup
+demo: setup ## the whole flow on the shapes set on a CPU: shards, a tiny run, its evaluation
 	$(MAKE) --no-print-directory shards DATASET=shapes
 	$(MAKE) --no-print-directory train DATASET=shapes VARIANT=if_concat PRESET=tiny OUT=$(DEMO_RUN)
 	$(MAKE) --no-print-directory eval RUN=$(DEMO_RUN)
 
 # Side by side: the four variants (ABLATIONS=1 adds [n_text, n_image] = [0, 4] and [1, 0] of both
 # conditionings), once per seed of SEEDS ("0 1 2" or 0,1,2), trained and evaluated one after another on
-# one shard set, then one report: runs/compare/report.md. Re-running resumes where it stopped.
+# one shard set, then one report: COMPARE_DIR/report.md. Re-running resumes where it stopped.
 SEEDS       ?= 0
 ABLATIONS   ?=
 COMPARE_DIR ?= runs/compare
 COMPARE_EVAL_ARGS ?= --checkpoints all --scales 0,0.5,1,2,3
 comma := ,
+SEED_LIST := $(subst $(comma), ,$(SEEDS))
 COMPARE_VARIANTS := early_concat early_xattn if_concat if_xattn \
 	$(if $(ABLATIONS),if_concat_t0i4 if_concat_t1i0 if_xattn_t0i4 if_xattn_t1i0,)
-COMPARE_RUNS := $(foreach v,$(COMPARE_VARIANTS),$(foreach s,$(subst $(comma), ,$(SEEDS)),$(COMPARE_DIR)/$(v)-s$(s)))
-compare: setup
+COMPARE_RUNS := $(foreach v,$(COMPARE_VARIANTS),$(foreach s,$(SEED_LIST),$(COMPARE_DIR)/$(v)-s$(s)))
+compare: setup ## train and evaluate every variant x SEEDS, then one report (runs/compare/report.md)
 	$(MAKE) --no-print-directory shards
-	@set -e; for run in $(COMPARE_RUNS); do \
-	  name=$${run##*/}; variant=$${name%-s*}; seed=$${name##*-s}; \
+	@set -e; for variant in $(COMPARE_VARIANTS); do for seed in $(SEED_LIST); do \
+	  run=$(COMPARE_DIR)/$$variant-s$$seed; \
 	  echo "== $$run: train $$variant, seed $$seed"; \
-	  $(PY) -m train --variant $$variant --shards $(SHARDS) --out $$run --seed $$seed \
-	    $(if $(PRESET),--preset $(PRESET),) $(if $(STEPS),--steps $(STEPS),) $(TRAIN_ARGS); \
+	  $(TRAIN) --variant $$variant --seed $$seed --out $$run; \
 	  echo "== $$run: evaluate"; \
 	  $(PY) -m evaluate --run $$run $(COMPARE_EVAL_ARGS) $(EVAL_ARGS); \
-	done
+	done; done
 	$(PY) -m evaluate.compare $(COMPARE_RUNS) --out $(COMPARE_DIR)
 
-bench: setup
+bench: setup ## training speed of the four variants -> bench-train.json
 	$(PY) -m train.bench --json bench-train.json
 
-bench-pipeline: setup
+bench-pipeline: setup ## encoder and loader throughput -> bench-pipeline.json
 	$(PY) -m pipeline bench --json bench-pipeline.json
 
-clean-venv:
+clean-venv: ## remove .venv
 	rm -rf $(VENV)

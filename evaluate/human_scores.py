@@ -59,18 +59,24 @@ def read_sheets(paths: list[str | Path]) -> tuple[list[dict], list[dict]]:
     return count_rows, preference_rows
 
 
+def _in_key(rows: list[dict], entries: list[dict], kind: str, problems: list[str]):
+    """(row, its entry in the key, where) for every sheet row whose id the key knows; the others are said."""
+    by_id = {str(entry["id"]): entry for entry in entries}
+    for row in rows:
+        entry = by_id.get(row.get("id", ""))
+        where = f"{row['sheet']}: {kind} id {row.get('id')!r}"
+        if entry is None:
+            problems.append(f"{where}: not in the key (a sheet of another `make`?)")
+            continue
+        yield row, entry, where
+
+
 def score_counts(rows: list[dict], key: dict) -> tuple[dict, list[str]]:
     """Per run: Eq. 9/10 overall, per object, per requested count, per (object, count). Returns (scores,
     problems): a row whose id is unknown or whose count is not a whole number >= 0 is left out, and said."""
-    items = {str(item["id"]): item for item in key["count"]}
     pairs = defaultdict(list)  # run -> [(object, requested, counted)]
     problems = []
-    for row in rows:
-        item = items.get(row.get("id", ""))
-        where = f"{row['sheet']}: count id {row.get('id')!r}"
-        if item is None:
-            problems.append(f"{where}: not in the key (a sheet of another `make`?)")
-            continue
+    for row, item, where in _in_key(rows, key["count"], "count", problems):
         text = row.get("count", "")
         if not text.isdigit():
             problems.append(f"{where}: count {text!r} is not a whole number" if text else f"{where}: left blank")
@@ -115,16 +121,10 @@ def rank_points(rank: int, num_runs: int) -> int:
 def score_preferences(rows: list[dict], key: dict) -> tuple[dict, list[str]]:
     """Per run: mean points and how many ranks it got. Skipped rows are ignored; a row whose ranks are not
     a permutation of 1..N is invalid (left out, and said) -- the paper drops those too."""
-    groups = {str(g["id"]): g for g in key["preference"]}
     num_runs = len(key["runs"])
     points = defaultdict(list)
     problems, skipped, valid = [], 0, 0
-    for row in rows:
-        group = groups.get(row.get("id", ""))
-        where = f"{row['sheet']}: preference id {row.get('id')!r}"
-        if group is None:
-            problems.append(f"{where}: not in the key (a sheet of another `make`?)")
-            continue
+    for row, group, where in _in_key(rows, key["preference"], "preference", problems):
         if row.get("skipped", "").lower() in ("y", "yes", "1", "true", "x"):
             skipped += 1
             continue

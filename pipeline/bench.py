@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from pipeline.encoders import DEFAULT_CLIP_ARCH, SD_VAE_CONFIG, TextEncoder
-from pipeline.manifest import MANIFEST, NULL_TEXT, atomic_write_json
+from ifvit.files import atomic_write_json
+from pipeline.manifest import MANIFEST, NULL_TEXT
 from pipeline.reader import ShardSet
 
 CAPTIONS = ["A man riding a wave on top of a surfboard.", "Two dogs playing with a frisbee in a grassy park.",

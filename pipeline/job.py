@@ -22,6 +22,7 @@ import pickle
 import shutil
 import sys
 import time
+import warnings
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -129,13 +130,21 @@ def run_ray(source, cfg: JobConfig, todo: list[dict], out: Path, text_spec: str)
         else:  # fractional CPUs: whole-CPU actors on a 2-core machine starve the load/write tasks (deadlock)
             nodes = sum(1 for n in ray.nodes() if n["Alive"])
             pool = dict(compute=ray.data.ActorPoolStrategy(size=nodes), num_cpus=0.5)
+        # No actor restarts. Ray Data passes an actor pool's constructor arguments through the object store
+        # and restarts its actors forever by default, a combination Ray's core cannot honour (a restart fails
+        # once those arguments are evicted; ray-project/ray#53727) and says so in an error-level console line.
+        # A crashed encoder then fails the job instead, and running the same command again resumes it.
+        # Ray 2.60 takes max_restarts only among the generic remote arguments, which it marks deprecated.
+        pool["max_restarts"] = 0
         items = [{"shard": s["name"], "work": pickle.dumps(s)} for s in todo]
-        ds = (ray.data.from_items(items, override_num_blocks=len(items))
-              .map(load_shard, fn_kwargs={"source": source, "preprocess": cfg.preprocess}, num_cpus=1)
-              .map_batches(EncodeShard, batch_size=1, fn_constructor_kwargs={
-                  "image_spec": absolute_spec(cfg.image_encoder), "text_spec": text_spec,
-                  "batch_size": cfg.batch_size, "seed": cfg.seed}, **pool)
-              .map(write_shard, fn_kwargs={"out": str(out)}, num_cpus=0.5))
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+            ds = (ray.data.from_items(items, override_num_blocks=len(items))
+                  .map(load_shard, fn_kwargs={"source": source, "preprocess": cfg.preprocess}, num_cpus=1)
+                  .map_batches(EncodeShard, batch_size=1, fn_constructor_kwargs={
+                      "image_spec": absolute_spec(cfg.image_encoder), "text_spec": text_spec,
+                      "batch_size": cfg.batch_size, "seed": cfg.seed}, **pool)
+                  .map(write_shard, fn_kwargs={"out": str(out)}, num_cpus=0.5))
         images_in = {s["name"]: len(s["rows"]) for s in todo}
         device = f"{gpus} GPU actor(s)" if gpus else "CPU actor"
         with tqdm(total=sum(images_in.values()), unit="img", desc=f"encode ({device})", dynamic_ncols=True) as bar:
@@ -280,23 +289,25 @@ def _build(source, cfg: JobConfig) -> dict:
 
 
 def print_summary(manifest: dict) -> None:
+    """One headline line (what the set holds), then the details, indented."""
     c, image, text = manifest["counts"], manifest["image_encoder"], manifest["text_encoder"]
     splits = " · ".join(f"{s} {info['records']:,}" for s, info in manifest["splits"].items())
     size = sum(s["bytes"] for s in manifest["shards"].values())
     reasons = Counter(e["reason"].split(":")[0] for e in manifest["skipped"])
+    timing = manifest.get("timing")
     lines = [
-        f"shard set  {manifest['name']}  (config {manifest['config_hash']}, {len(manifest['shards'])} shards, "
-        f"{size / 1e9:.2f} GB)",
-        f"records    {c['records']:,} of {c['inputs']:,} images ({splits}); {c['captions']:,} captions",
-        f"skipped    {c['skipped']} input(s)" + (": " + ", ".join(f"{r} {n}" for r, n in reasons.most_common())
-                                                   if reasons else ""),
-        f"truncated  {c['truncated_captions']} caption(s) longer than {text['text_len']} tokens",
-        f"image      {image['spec']} -> {image['latent_format']} {image['latent_shape']} float16, "
+        f"shard set {manifest['name']}: {c['records']:,} of {c['inputs']:,} images in {len(manifest['shards'])} "
+        f"shards ({size / 1e9:.2f} GB), {c['skipped']} input(s) skipped"
+        + (f", built in {timing['seconds']:.1f} s" if timing else ", up to date"),
+        f"  splits     {splits}; {c['captions']:,} captions",
+        f"  skipped    {c['skipped']} input(s)" + (": " + ", ".join(f"{r} {n}" for r, n in reasons.most_common())
+                                                     if reasons else ""),
+        f"  truncated  {c['truncated_captions']} caption(s) longer than {text['text_len']} tokens",
+        f"  image      {image['spec']} -> {image['latent_format']} {image['latent_shape']} float16, "
         f"std {image['latent_std']:.4f}, scale {image['latent_scale']:.5f} ({image['latent_scale_source']})",
-        f"text       {text['spec']} -> [K, {text['text_len']}, {text['text_dim']}] float16",
+        f"  text       {text['spec']} -> [K, {text['text_len']}, {text['text_dim']}] float16",
+        f"  config     {manifest['config_hash']}"
+        + (f"; {timing['images_encoded']:,} images encoded at {timing['images_per_s']:.1f} images/s" if timing
+           else ""),
     ]
-    if "timing" in manifest:
-        t = manifest["timing"]
-        lines.append(f"build      {t['seconds']:.1f} s; {t['images_encoded']:,} images encoded at "
-                     f"{t['images_per_s']:.1f} images/s")
     print("\n".join(lines), file=sys.stdout, flush=True)

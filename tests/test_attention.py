@@ -140,6 +140,7 @@ def runs(shapes_shards, tmp_path_factory):
     return tiny_runs(shapes_shards, tmp_path_factory.getbasetemp() / "tiny_runs")
 
 
+@pytest.mark.slow
 def test_cli_on_early_and_intermediate_runs(runs, tmp_path):
     from evaluate import attention
     from tiny_runs import one_thread

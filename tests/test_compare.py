@@ -67,6 +67,7 @@ def report(runs, tmp_path_factory):
     return out, runs, seed1
 
 
+@pytest.mark.slow
 def test_report_has_every_section_and_plot(report):
     out, _, _ = report
     text = (out / "report.md").read_text()
@@ -85,6 +86,7 @@ def test_report_has_every_section_and_plot(report):
     assert any("not_evaluated" in p and "python -m evaluate --run" in p for p in data["problems"])
 
 
+@pytest.mark.slow
 def test_report_numbers_equal_metrics_json(report):
     out, runs, _ = report
     text = (out / "report.md").read_text()
@@ -114,6 +116,7 @@ def test_report_numbers_equal_metrics_json(report):
     assert row["train_steps_per_s"] == statistics.median(r["steps_per_s"] for r in log[1:])
 
 
+@pytest.mark.slow
 def test_runs_differing_only_in_seed_are_one_group_with_mean_and_std(report):
     out, runs, seed1 = report
     data = json.loads((out / "report.json").read_text())
@@ -131,6 +134,7 @@ def test_runs_differing_only_in_seed_are_one_group_with_mean_and_std(report):
     assert delta["delta"] == pytest.approx(if_value - statistics.fmean(values)) and delta["n"] == [2, 1]
 
 
+@pytest.mark.slow
 def test_same_prompts_and_seeds_in_the_sample_grid(report):
     out, runs, _ = report
     data = json.loads((out / "report.json").read_text())
@@ -141,6 +145,7 @@ def test_same_prompts_and_seeds_in_the_sample_grid(report):
         assert all((p["prompt"], p["seed"]) in have for p in data["samples"])
 
 
+@pytest.mark.slow
 def test_fid_clip_trade_off_and_ablations_when_present(runs, tmp_path):
     """GPU-like metrics (FID and CLIP score present) give the FID-vs-CLIP plot; an ablation run gives Fig. 7."""
     def with_fid(offset):

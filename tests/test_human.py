@@ -166,6 +166,7 @@ def runs(shapes_shards, tmp_path_factory):
     return tiny_runs(shapes_shards, tmp_path_factory.getbasetemp() / "tiny_runs")
 
 
+@pytest.mark.slow
 def test_make_on_two_tiny_runs(runs, tmp_path):
     from tiny_runs import one_thread
 

@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -17,6 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
+from ifvit.lock import LOCK_FILE
 from pipeline.__main__ import main
 from pipeline.encoders import END_TOKEN, load_image_codec, load_text_encoder, weights_sha256
 from pipeline.reader import ShardSet
@@ -122,7 +124,8 @@ def coco_shards(ray_local, coco_root, encoders, tmp_path_factory):
     os.killpg(job.pid, signal.SIGKILL)  # the driver dies mid-job; Ray reaps its tasks and actor
     job.wait()
     KILLED.update(shards_done=len(list((out / ".staging").glob("*.tar.json"))),
-                  manifest=(out / "manifest.json").exists())
+                  manifest=(out / "manifest.json").exists(),
+                  lock=json.loads((out / LOCK_FILE).read_text()) if (out / LOCK_FILE).exists() else None)
     assert main(coco_args(coco_root, out, encoders)) == 0
     return out
 
@@ -137,6 +140,7 @@ EXPECTED_SKIPS = {  # key -> reason prefix: one per bad input that cannot be enc
 }
 
 
+@pytest.mark.slow
 def test_manifest_names_the_encoders(coco_shards, encoders):
     ss = ShardSet(coco_shards)
     image, text = ss.manifest["image_encoder"], ss.manifest["text_encoder"]
@@ -152,6 +156,7 @@ def test_manifest_names_the_encoders(coco_shards, encoders):
     assert "LANCZOS" in image["preprocessing"] and "49407" in text["padding"]
 
 
+@pytest.mark.slow
 def test_latents_and_text_states_have_the_contracted_shapes(coco_shards, coco_root, encoders):
     ss = ShardSet(coco_shards)
     annotations = json.loads((coco_root / "annotations" / "captions_train2014.json").read_text())
@@ -172,6 +177,7 @@ def test_latents_and_text_states_have_the_contracted_shapes(coco_shards, coco_ro
         torch.testing.assert_close(torch.from_numpy(record["latent"]).float(), moments, atol=2e-2, rtol=1e-2)
 
 
+@pytest.mark.slow
 def test_padding_rule(coco_shards, encoders):
     """Up to the end token: exactly plain open_clip's states (0-padded tokens, causal mask). After it: the
     states of the end token 49407 at those positions (SD/U-ViT), not open_clip's 0-padding states."""
@@ -199,6 +205,7 @@ def test_padding_rule(coco_shards, encoders):
         assert not torch.allclose(stored[k, end + 1:], plain[k, end + 1:], atol=1e-2)
 
 
+@pytest.mark.slow
 def test_every_bad_input_is_encoded_or_listed(coco_shards):
     m = ShardSet(coco_shards).manifest
     keys = {r["key"]: r for split in ("train", "val") for r in ShardSet(coco_shards).records(split)}
@@ -223,11 +230,13 @@ def test_every_bad_input_is_encoded_or_listed(coco_shards):
     assert main(["verify", str(coco_shards)]) == 0
 
 
+@pytest.mark.slow
 def test_strict_exits_nonzero(coco_shards, coco_root, encoders, capsys):
     assert main(coco_args(coco_root, coco_shards, encoders, "--strict")) == 1
     assert "--strict" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_verify_detects_a_corrupted_shard(coco_shards, tmp_path):
     assert verify(coco_shards)
     copy = tmp_path / "copy"
@@ -241,8 +250,11 @@ def test_verify_detects_a_corrupted_shard(coco_shards, tmp_path):
     assert not verify(copy)
 
 
+@pytest.mark.slow
 def test_killed_job_resumes_with_every_key_once(coco_shards):
     assert KILLED["shards_done"] >= 1 and not KILLED["manifest"]  # killed midway: some shards, no manifest
+    # The killed driver's lock stayed behind; the re-run found its holder dead and took it over.
+    assert KILLED["lock"] and KILLED["lock"]["host"] == socket.gethostname() and not (coco_shards / LOCK_FILE).exists()
     ss = ShardSet(coco_shards)
     assert KILLED["shards_done"] < len(ss.manifest["shards"])
     keys = [r["key"] for split in ("train", "val") for r in ss.records(split)]
@@ -250,6 +262,7 @@ def test_killed_job_resumes_with_every_key_once(coco_shards):
     assert verify(coco_shards)
 
 
+@pytest.mark.slow
 def test_table_source(ray_local, coco_root, encoders, tmp_path):
     import pandas as pd
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from ifvit.lock import LOCK_FILE
 from train.checkpoint import list_checkpoints, load_checkpoint, load_run
 from train.trainer import NonFiniteLoss, train
 
@@ -87,6 +88,7 @@ def test_tiny_run_writes_the_run_directory(shapes_shards, tmp_path, one_thread):
     assert list((out / "tb").glob("events.out.tfevents.*"))
 
 
+@pytest.mark.slow
 def test_resume_after_sigterm_and_sigkill_is_exact(shapes_shards, tmp_path, one_thread):
     """Three runs of the same 160 steps: uninterrupted; SIGTERM mid-segment then resumed; SIGKILL after a
     checkpoint (losing the steps logged after it) then resumed. Same per-step losses, same final weights."""
@@ -113,10 +115,12 @@ def test_resume_after_sigterm_and_sigkill_is_exact(shapes_shards, tmp_path, one_
     proc.wait(timeout=60)
     killed_at = load_checkpoint(tmp_path / "kill" / "checkpoints" / "latest.pt")["step"]
     assert 64 <= killed_at < 160 and logged_steps(tmp_path / "kill") > killed_at
+    assert json.loads((tmp_path / "kill" / LOCK_FILE).read_text())["pid"] == proc.pid  # stale: its holder is dead
 
     for name in ("term", "kill"):
-        train("if_concat", shapes_shards, tmp_path / name, preset="tiny", overrides=options)
+        train("if_concat", shapes_shards, tmp_path / name, preset="tiny", overrides=options)  # kill: takes the lock over
         assert losses(tmp_path / name) == reference, f"{name}: resumed losses differ from the uninterrupted run"
+        assert not (tmp_path / name / LOCK_FILE).exists()
         final = load_checkpoint(tmp_path / name / "checkpoints" / "latest.pt")
         expected = load_checkpoint(tmp_path / "reference" / "checkpoints" / "latest.pt")
         for key in ("model", "ema"):
@@ -148,6 +152,7 @@ dist.destroy_process_group()
 """
 
 
+@pytest.mark.slow
 def test_two_process_ddp_keeps_ranks_identical_and_logs_the_mean_loss(shapes_shards, tmp_path):
     driver = tmp_path / "driver.py"
     driver.write_text(textwrap.dedent(DDP_DRIVER))

@@ -10,13 +10,15 @@ it/s and the speed ratio to early_concat. Torch only: runs on a GPU machine with
 """
 from __future__ import annotations
 
-import argparse
-import json
 import platform
+import sys
 import time
 
 import torch
 
+from ifvit.cli import ArgumentParser, entry_point
+from ifvit.errors import Unavailable
+from ifvit.files import atomic_write_json
 from train.config import TrainConfig
 from train.diffusion import NoiseSchedule
 from train.flops import PAPER_TABLE, true_flops
@@ -108,10 +110,11 @@ def format_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m train.bench", description=__doc__.split("\n\n")[0])
+def run(argv: list[str]) -> dict:
+    """The benchmark (the report dict); `main` is its command line."""
+    p = ArgumentParser(prog="python -m train.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--json", metavar="PATH", help="also write the results here")
-    p.add_argument("--device", default="auto", help="auto | cuda | cpu")
+    p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
     p.add_argument("--batch-size", type=int, help="default 256 on a GPU, 4 on a CPU")
     p.add_argument("--steps", type=int, help="timed steps (default 50 on a GPU, 2 on a CPU)")
     p.add_argument("--warmup", type=int, help="untimed steps first, compilation included (default 10 / 1)")
@@ -121,6 +124,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     args = p.parse_args(argv)
 
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise Unavailable("--device cuda but torch sees no GPU: pass --device cpu (or auto) or fix the CUDA install")
     cuda = torch.cuda.is_available() and args.device != "cpu"
     device = torch.device("cuda" if cuda else "cpu")
     if cuda:
@@ -157,11 +162,16 @@ def main(argv: list[str] | None = None) -> dict:
     print("\n" + format_table(results))
     print("\npaper: RTX-4090 training it/s (Table 1); ratio = steps/s divided by early_concat's.")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
+        atomic_write_json(args.json, report, indent=2)
         print(f"wrote {args.json}")
     return report
 
 
+@entry_point
+def main(argv: list[str]) -> int:
+    run(argv)
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

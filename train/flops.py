@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +24,8 @@ import torch.nn as nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from ifvit.cli import ArgumentParser, entry_point
+from ifvit.files import atomic_write_json
 from train.model import ABLATIONS, VARIANTS, ModelConfig, UViT, count_params
 
 # Table 1 of the paper: params (M), GFLOPs, training iters/s on one RTX 4090.
@@ -131,9 +133,10 @@ def format_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+@entry_point
+def main(argv: list[str]) -> int:
+    p = ArgumentParser(prog="python -m train.flops", description=__doc__.split("\n\n")[0],
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", metavar="PATH", help="also write the rows as a JSON list")
     p.add_argument("--no-ablations", action="store_true", help="only the four main variants")
     p.add_argument("--markdown", action="store_true", help="print only the Markdown table (as in the README)")
@@ -141,15 +144,15 @@ def main(argv=None):
     rows = table(include_ablations=not args.no_ablations)
     if args.markdown:
         print(format_table(rows))
-        return
+        return 0
     print("U-ViT-S/2, one forward at batch 1 (latent 4x32x32, 77x768 text); 2 FLOPs per multiply-add.")
     print("true = every matmul incl. attention; paper conv. = module ops without attention matmuls (ptflops).\n")
     print(format_table(rows))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump([vars(r) for r in rows], f, indent=2)
+        atomic_write_json(args.json, [vars(r) for r in rows], indent=2)
         print(f"\nwrote {args.json}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
