@@ -24,7 +24,7 @@ OUT      ?= runs/$(VARIANT)$(if $(PRESET),-$(PRESET),)
 EVAL_ARGS ?=
 TRAIN_ARGS ?=
 
-.PHONY: setup test shards train eval compare bench bench-pipeline flops demo clean-venv
+.PHONY: setup test shards train eval compare bench bench-pipeline flops demo wheelhouse gpu-check clean-venv
 
 setup: $(STAMP)
 
@@ -95,6 +95,19 @@ bench: setup
 
 bench-pipeline: setup
 	$(PY) -m pipeline bench --json bench-pipeline.json
+
+# The GPU campaign (docs/gpu-campaign.md). `wheelhouse` fetches the wheels a bare GPU image lacks into .whl/
+# (ignored; carry it along); `gpu-check` runs every GPU figure in one budgeted command, never `setup`: on a
+# bare GPU machine it uses the image's python3 and installs .whl/ offline into a private folder.
+# GPU_OUT=DIR for the summary files, GPU_ARGS="--budget 420 --stages train,science" or "--smoke".
+HOST_PY   = $(if $(wildcard $(PY)),$(PY),$(PYTHON))
+GPU_OUT  ?= runs/gpu-check
+GPU_ARGS ?=
+wheelhouse:
+	$(HOST_PY) -m benchmarks.wheelhouse --dest .whl
+
+gpu-check:
+	$(HOST_PY) -m benchmarks.gpu --out $(GPU_OUT) $(GPU_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)
