@@ -46,7 +46,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--inception-weights", metavar="PATH",
                    help="torch-fidelity's weights-inception-2015-12-05-6726825d.pth, for offline machines")
     p.add_argument("--fid-features", metavar="NAME", help="torch-fidelity feature extractor for FID "
-                                                          "(default inception-v3-compat, the standard FID)")
+                                                          "(default inception-v3-compat, the standard FID), or "
+                                                          "none to skip FID")
     p.add_argument("--clip", metavar="SPEC", help="CLIP for the CLIP score: NAME:TAG, NAME:FILE, FILE, "
                                                   "local-dir:DIR, or none (default ViT-L-14-quickgelu:openai)")
     p.add_argument("--shards", help="the run's shard set, if it has moved since training")
