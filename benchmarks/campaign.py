@@ -116,21 +116,23 @@ def free_gpu_memory() -> None:
         torch.cuda.empty_cache()
 
 
-# Debugging aid for the tests: "STAGE:fail", "STAGE:hang" or "STAGE:crash" makes that stage misbehave.
+# Debugging aid for the tests: "STAGE:fail", "STAGE:hang" or "STAGE:crash" (comma-separated for several)
+# makes that stage misbehave.
 INJECT = "IFVIT_CAMPAIGN_INJECT"
 
 
 def run_in_process(stage: Stage, ctx: StageContext) -> None:
     ctx.work.mkdir(parents=True, exist_ok=True)
     rec = Recorder(ctx.work / RESULT)
-    name, _, how = os.environ.get(INJECT, "").partition(":")
-    if name == stage.name:
+    injected = dict(entry.partition(":")[::2] for entry in os.environ.get(INJECT, "").split(",") if entry)
+    how = injected.get(stage.name)
+    if how:
         rec.set("injected", how)
         if how == "hang":
             time.sleep(3600)
         if how == "crash":
             os.kill(os.getpid(), signal.SIGKILL)
-        raise RuntimeError(f"injected failure ({INJECT}={name}:{how})")
+        raise RuntimeError(f"injected failure ({INJECT}: {stage.name}:{how})")
     importlib.import_module(stage.module).run(rec, ctx)
     rec.finish()
 

@@ -177,15 +177,18 @@ def science_section(entry: dict) -> list[str]:
 
 
 def campaign_markdown(summary: dict, brief: bool = False) -> str:
-    m = summary["machine"]
+    m, stages = summary["machine"], summary["stages"]
     device = m.get("gpu") or f"CPU, {m.get('cpu_cores')} cores"
     lines = [f"# GPU campaign on {device}, {summary['started'][:10]}" + (" (smoke: toy sizes)" if summary["mode"] == "smoke" else ""),
-             "", f"torch {m.get('torch')} (CUDA {m.get('cuda')}), python {m.get('python')}; budget {summary['budget_s']:.0f} s, "
-             f"elapsed {summary.get('elapsed_s', 0):.0f} s" + ("" if summary.get("finished") else " (running)") + ".", ""]
-    rows = [[f"{i}. {s.title}", summary["stages"][s.name]["status"], f"{summary['stages'][s.name]['seconds']:.0f}",
-             f"{summary['stages'][s.name]['budget_s']:.0f}", headline(s.name, summary["stages"][s.name]) or
-             (summary["stages"][s.name].get("error") or "")[:120]]
-            for i, s in enumerate(STAGES, 1) if s.name in summary["stages"]]
+             "", f"torch {m.get('torch')} (CUDA {m.get('cuda')}), python {m.get('python')}; budget "
+             f"{fmt(summary.get('budget_s'), '.0f')} s, elapsed {fmt(summary.get('elapsed_s'), '.0f')} s"
+             + ("" if summary.get("finished") else " (not finished)") + "."
+             + (f" Stages re-run: {', '.join(', '.join(r['stages']) for r in summary['reruns'])}." if summary.get("reruns") else ""),
+             ""]
+    rows = [[f"{i}. {s.title}", stages[s.name]["status"], fmt(stages[s.name].get("seconds"), ".0f"),
+             fmt(stages[s.name].get("budget_s"), ".0f"), headline(s.name, stages[s.name]) or
+             (stages[s.name].get("error") or "")[:120]]
+            for i, s in enumerate(STAGES, 1) if s.name in stages]
     lines += table(["stage", "status", "s", "budget s", "headline"], rows)
     if summary["mode"] == "smoke":
         lines += ["", "Smoke run: toy models on a CPU. The figures only prove that every code path runs; they "

@@ -33,7 +33,7 @@ COMPILE_S = 45
 # each training gets minutes (a larger --budget), not for the default campaign's shorter ones.
 COMPILE_FROM_S = 150
 # --smoke: a few seconds each, toy model (sizes only: the recipe stays the preset's).
-SMOKE = dict(log_every=1, startup_s=8, eval_s=6, min_train_s=2, num_samples=4, train_s=2)
+SMOKE = dict(log_every=1, startup_s=8, eval_s=6, min_train_s=1, num_samples=4, train_s=1)
 SMOKE_SHARDS = ["--train-images", "64", "--val-images", "8", "--holdout-images", "8", "--shard-size", "32"]
 SMOKE_TRAIN = ["--width", "32", "--depth", "5", "--heads", "2", "--patch-size", "4", "--batch-size", "8",
                "--num-workers", "0"]

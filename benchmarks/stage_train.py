@@ -19,6 +19,7 @@ from train.flops import PAPER_TABLE
 from train.model import ABLATIONS, VARIANTS
 from train.trainer import model_config, peak_flops
 
+FIRST_COMPILE_S = 45  # a guess for the first compiled row, until one has been timed here
 ORDER = ("early_concat", "if_xattn", "if_concat", "early_xattn", *ABLATIONS)
 PAPER_SPEEDUP = PAPER_TABLE["if_xattn"][2] / PAPER_TABLE["early_concat"][2]  # 2.74 / 1.81 on an RTX 4090
 # The toy size of --smoke: the same variants, 5 blocks of width 32 (ablations scaled as the trainer does).
@@ -92,9 +93,9 @@ def run(rec: Recorder, ctx: StageContext) -> None:
 
     # Every row eager first (seconds each, no compilation), then compiled in order of importance for as
     # long as the budget lasts: compiling the paper model takes far longer than timing it.
-    phases = [("eager", False, eager_size)] + ([("compiled", True, compiled_size)] if cuda else [])
-    for phase, compile_model, size in phases:
-        rows, estimate = [], 0.0
+    phases = [("eager", False, eager_size, 0.0)] + ([("compiled", True, compiled_size, FIRST_COMPILE_S)] if cuda else [])
+    for phase, compile_model, size, estimate in phases:
+        rows = []
         for name in ORDER:
             key = f"{name}/{phase}"
             if ctx.remaining() < estimate:
