@@ -1,8 +1,8 @@
 """Stage 3: what an FID-30K evaluation costs, measured piece by piece through evaluate's own code.
 
     sampling    evaluate.sampler.sample on the paper model (U-ViT-S/2, random weights: speed does not depend on
-                them): DPM-Solver++ 50 steps with guidance (a doubled batch), bf16 autocast, at a fixed list
-                of batch sizes, and if_xattn at the default batch
+                them): evaluate's default solver, 50 model evaluations with guidance (a doubled batch), bf16
+                autocast, at a fixed list of batch sizes, and if_xattn at the default batch
     decoding    the SD-VAE decoder (the real architecture from its diffusers config, random weights) through
                 the pipeline's VAECodec, fp32/TF32 as evaluate runs it
     scoring     torch-fidelity's Inception (FID features) and CLIP ViT-L/14 image+text (CLIP score, its PIL
@@ -84,7 +84,10 @@ def run(rec: Recorder, ctx: StageContext) -> None:
         configs = {v: toy_config(v, img_size=8) for v in ("early_concat", "if_xattn")}
     else:
         configs = {v: VARIANTS[v] for v in ("early_concat", "if_xattn")}
+    from evaluate.sampler import DEFAULT_SOLVER
+
     rec.set("settings", {"batches": list(batches), "default_batch": default, "steps": steps, "guidance": True,
+                         "solver": DEFAULT_SOLVER,
                          "image_side": side, "model": "paper (U-ViT-S/2)" if not ctx.smoke else "toy"})
 
     torch.manual_seed(0)

@@ -15,6 +15,7 @@ import argparse
 import sys
 
 from evaluate.run import PRESETS, default_preset
+from evaluate.sampler import DEFAULT_SOLVER, SOLVERS
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -34,7 +35,10 @@ def parser() -> argparse.ArgumentParser:
                    help=f"defaults to use (now: {default_preset()}): gpu = the paper's protocol; cpu = small "
                         "enough for the CPU demo")
     p.add_argument("--num-samples", type=int, help=f"distinct prompts (gpu {gpu.num_samples}, cpu {cpu.num_samples})")
-    p.add_argument("--steps", type=int, help=f"DPM-Solver++ model evaluations (gpu {gpu.steps}, cpu {cpu.steps})")
+    p.add_argument("--steps", type=int, help=f"model evaluations of the solver (gpu {gpu.steps}, cpu {cpu.steps})")
+    p.add_argument("--solver", choices=SOLVERS, help=f"ODE solver (default {DEFAULT_SOLVER}): uvit = U-ViT's "
+                                                   "DPM-Solver path (its published FIDs); dpmpp2m = diffusers' "
+                                                   "multistep DPM-Solver++ (docs/sampling.md)")
     p.add_argument("--scale", type=float, help="guidance scale s, U-ViT convention eps_c + s(eps_c - eps_u); "
                                                "diffusers' guidance_scale = s + 1 (default 1)")
     p.add_argument("--scales", type=_floats, help="guidance sweep, e.g. 0,0.5,1,2,3 (fills by_scale)")
@@ -45,9 +49,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=["val", "holdout"], help="prompt and FID reference split (default val)")
     p.add_argument("--inception-weights", metavar="PATH",
                    help="torch-fidelity's weights-inception-2015-12-05-6726825d.pth, for offline machines")
-    p.add_argument("--fid-features", metavar="NAME", help="torch-fidelity feature extractor for FID "
-                                                          "(default inception-v3-compat, the standard FID), or "
+    p.add_argument("--fid-features", metavar="NAME", help="feature extractor for FID: a torch-fidelity name "
+                                                          "(default inception-v3-compat, the standard FID), "
+                                                          "pytorch-fid (needs that package: U-ViT's FID path), or "
                                                           "none to skip FID")
+    p.add_argument("--fid-ref", metavar="FILE.npz", help="FID reference statistics (mu, sigma: pytorch-fid's "
+                                                         "format, e.g. U-ViT's fid_stats_mscoco256_val.npz) "
+                                                         "instead of the split's own images")
     p.add_argument("--clip", metavar="SPEC", help="CLIP for the CLIP score: NAME:TAG, NAME:FILE, FILE, "
                                                   "local-dir:DIR, or none (default ViT-L-14-quickgelu:openai)")
     p.add_argument("--shards", help="the run's shard set, if it has moved since training")
@@ -61,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     if (args.run is None) == (args.run_dir is None):
         p.error("name the run once: --run DIR (or DIR alone)")
     run_dir = args.run or args.run_dir
+    from evaluate.fid import FIDReferenceError
     from evaluate.report import summary
     from evaluate.run import config_from_args, evaluate_run
 
@@ -69,7 +78,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config_from_args(args.preset, **options)
     except ValueError as e:
         p.error(str(e))
-    metrics = evaluate_run(run_dir, cfg)
+    try:
+        metrics = evaluate_run(run_dir, cfg)
+    except FIDReferenceError as e:  # a bad --fid-ref, found before any sampling
+        p.error(str(e))
     if metrics is not None:  # rank 0
         print(summary(metrics))
     return 0

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from evaluate.plotting import new_figure, save_figure, write_text
+from evaluate.sampler import DEFAULT_SOLVER, SOLVERS
 
 TOP_K = 10
 
@@ -113,7 +114,7 @@ class AttentionStats:
 
 def analyse_run(run_dir: str | Path, *, num_prompts: int = 8, steps: int = 50, scale: float = 3.0,
                 seed: int = 0, batch_size: int = 8, remove_border: bool = False,
-                device: str = "cpu") -> dict:
+                device: str = "cpu", solver: str = DEFAULT_SOLVER) -> dict:
     """Sample `num_prompts` val prompts with the run's EMA model and summarise its text attention."""
     from evaluate.samples import choose_prompts
     from evaluate.sampler import sample
@@ -136,7 +137,7 @@ def analyse_run(run_dir: str | Path, *, num_prompts: int = 8, steps: int = 50, s
         context = torch.from_numpy(np.stack([p.text for p in chunk])).float().to(device)
         stats.batch = len(chunk)
         sample(model, context, null, steps=steps, scale=scale, seeds=[p.seed for p in chunk],
-               latent_shape=(cfg.in_chans, cfg.img_size, cfg.img_size), attention_callback=stats)
+               latent_shape=(cfg.in_chans, cfg.img_size, cfg.img_size), attention_callback=stats, solver=solver)
 
     blocks = stats.summary()
     return {
@@ -151,6 +152,7 @@ def analyse_run(run_dir: str | Path, *, num_prompts: int = 8, steps: int = 50, s
         "border_removed": remove_border,
         "num_prompts": len(prompts),
         "steps": steps,
+        "solver": solver,
         "scale": scale,
         "prompts": [{"prompt": p.prompt, "seed": p.seed, "key": p.key} for p in prompts],
         "blocks": blocks,
@@ -267,7 +269,8 @@ def main(argv=None) -> None:
     p.add_argument("--run", action="append", required=True, metavar="DIR",
                    help="a run directory; repeat to compare runs (e.g. early against intermediate fusion)")
     p.add_argument("--num-prompts", type=int, default=8, help="val prompts to sample (default 8)")
-    p.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
+    p.add_argument("--steps", type=int, default=50, help="model evaluations per image (default 50)")
+    p.add_argument("--solver", choices=SOLVERS, default=DEFAULT_SOLVER, help="ODE solver (evaluate.sampler)")
     p.add_argument("--scale", type=float, default=3.0, help="guidance scale, U-ViT convention (paper figures: 3)")
     p.add_argument("--seed", type=int, default=0, help="prompt choice and per-image noise seeds")
     p.add_argument("--batch-size", type=int, default=8)
@@ -282,7 +285,7 @@ def main(argv=None) -> None:
 
     results = [analyse_run(run, num_prompts=args.num_prompts, steps=args.steps, scale=args.scale,
                            seed=args.seed, batch_size=args.batch_size, remove_border=args.no_border,
-                           device=args.device) for run in args.run]
+                           device=args.device, solver=args.solver) for run in args.run]
     names = {tuple(r["block_names"]) for r in results}
     if len(names) > 1:
         raise SystemExit("runs have U's of different depths: compare runs of one model size")

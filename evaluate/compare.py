@@ -201,7 +201,9 @@ def experiment_key(run: Run) -> str:
     protocol -- everything but the seed and bookkeeping."""
     train = {k: v for k, v in run.config.get("train", {}).items() if k not in BOOKKEEPING}
     m = run.metrics
-    protocol = {k: m.get(k) for k in ("step", "num_samples", "steps", "scale", "seed", "split")}
+    protocol = {k: m.get(k) for k in ("step", "num_samples", "steps", "scale", "seed", "split", "fid_reference",
+                                      "fid_features")}
+    protocol["solver"] = m.get("solver", "dpmpp2m")  # evaluations before the choice used diffusers' solver
     return json.dumps([run.variant, run.config.get("model"), str(run.config.get("shards")), train, protocol],
                       sort_keys=True, default=str)
 
@@ -500,7 +502,8 @@ def markdown(runs: list[Run], groups: list[Group], report: dict) -> str:
     lines = ["# Comparison of runs", "",
              f"{len(runs)} runs in {len(groups)} groups (runs differing only in the training seed are one "
              "group: mean ± sample std over seeds, n = runs). Evaluation: "
-             f"{first.get('num_samples')} samples, {first.get('steps')} sampler steps, guidance scale "
+             f"{first.get('num_samples')} samples, {first.get('steps')} steps of the "
+             f"{first.get('solver', 'dpmpp2m')} solver, guidance scale "
              f"{first.get('scale')} (U-ViT convention; diffusers guidance_scale {first.get('guidance_scale')}).",
              ""]
     if first.get("preset_note"):

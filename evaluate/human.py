@@ -35,6 +35,7 @@ import numpy as np
 
 from evaluate.judge import count_error, match_ratio, plot_count_error
 from evaluate.plotting import new_figure, save_figure, write_text
+from evaluate.sampler import DEFAULT_SOLVER, SOLVERS
 
 # The paper's four objects: four plural forms and four kinds (human-made, animal, human, fruit).
 OBJECTS = {"bus": "buses", "sheep": "sheep", "person": "people", "apple": "apples"}
@@ -330,7 +331,7 @@ def write_sheets(out: Path, count_items: list[dict], groups: list[dict], num_run
 
 
 def generate(run_dir: str, label: str, out: Path, count_items: list[dict], groups: list[dict], *,
-             steps: int, scale: float, batch_size: int, device: str) -> None:
+             steps: int, scale: float, batch_size: int, device: str, solver: str = DEFAULT_SOLVER) -> None:
     """Sample this run's count and preference images into out/images/<label>/ (existing files are kept,
     so an interrupted `make` resumes where it stopped)."""
     import torch
@@ -357,7 +358,7 @@ def generate(run_dir: str, label: str, out: Path, count_items: list[dict], group
         with torch.no_grad():  # the encoder is a plain module: no autograd graph for prompts
             context = text_encoder([caption for _, caption, _ in chunk]).to(device)
         latents = sample(model, context, null, steps=steps, scale=scale, seeds=[seed for *_, seed in chunk],
-                         latent_shape=(cfg.in_chans, cfg.img_size, cfg.img_size))
+                         latent_shape=(cfg.in_chans, cfg.img_size, cfg.img_size), solver=solver)
         for (file, *_), image in zip(chunk, codec.decode(latents).cpu()):
             path = out / file
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -368,7 +369,7 @@ def generate(run_dir: str, label: str, out: Path, count_items: list[dict], group
 
 def make(runs: list[str], out: Path, *, images_per_pair: int = IMAGES_PER_PAIR,
          num_captions: int = PREFERENCE_CAPTIONS, steps: int = 50, scale: float = 3.0, seed: int = 0,
-         batch_size: int = 25, device: str = "cpu") -> dict:
+         batch_size: int = 25, device: str = "cpu", solver: str = DEFAULT_SOLVER) -> dict:
     from evaluate.samples import choose_prompts
     from pipeline.reader import ShardSet
     from train.checkpoint import load_run
@@ -383,12 +384,12 @@ def make(runs: list[str], out: Path, *, images_per_pair: int = IMAGES_PER_PAIR,
     prompts = [{"caption": p.prompt, "seed": p.seed, "key": p.key} for p in chosen]
     count_items = count_set(labels, images_per_pair, seed)
     groups = preference_set(labels, prompts, seed)
-    key = {"runs": labels, "run_dirs": list(runs), "steps": steps, "scale": scale, "seed": seed,
+    key = {"runs": labels, "run_dirs": list(runs), "steps": steps, "solver": solver, "scale": scale, "seed": seed,
            "count": count_items, "preference": groups}
     write_text(out / "key.json", json.dumps(key, indent=1))
     for run, label in zip(runs, labels):
         generate(run, label, out, count_items, groups, steps=steps, scale=scale, batch_size=batch_size,
-                 device=device)
+                 device=device, solver=solver)
     write_sheets(out, count_items, groups, len(labels))
     page = write_page(out, count_items, groups, len(labels))
     print(f"\n{len(count_items)} count images and {len(groups)} preference groups of {len(labels)} runs")
@@ -411,6 +412,7 @@ def main(argv=None) -> None:
     m.add_argument("--images-per-pair", type=int, default=IMAGES_PER_PAIR)
     m.add_argument("--captions", type=int, default=PREFERENCE_CAPTIONS, help="preference captions (default 100)")
     m.add_argument("--steps", type=int, default=50)
+    m.add_argument("--solver", choices=SOLVERS, default=DEFAULT_SOLVER, help="ODE solver (evaluate.sampler)")
     m.add_argument("--scale", type=float, default=3.0, help="guidance scale, U-ViT convention (paper: 3)")
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--batch-size", type=int, default=25)
@@ -423,7 +425,8 @@ def main(argv=None) -> None:
 
     if args.command == "make":
         make(args.runs, args.out, images_per_pair=args.images_per_pair, num_captions=args.captions,
-             steps=args.steps, scale=args.scale, seed=args.seed, batch_size=args.batch_size, device=args.device)
+             steps=args.steps, scale=args.scale, seed=args.seed, batch_size=args.batch_size, device=args.device,
+             solver=args.solver)
         return
     key = args.key or Path(args.sheets[0]).parent / "key.json"
     if not key.exists():

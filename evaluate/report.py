@@ -17,15 +17,19 @@ def summary(m: dict) -> str:
     lines = [f"evaluation of {m['run']}  ({m['variant']}, checkpoint step {m['step']:,}, EMA weights)"]
     if m.get("preset_note"):
         lines.append(f"  note         {m['preset_note']}")
-    lines.append(f"  samples      {m['num_samples']:,} {m['split']} prompts, {m['steps']} DPM-Solver++ steps, "
-                 f"scale s={m['scale']:g} (guidance_scale {m['guidance_scale']:g}), seed {m['seed']}")
+    solver = m.get("solver", "dpmpp2m")  # metrics.json written before the choice existed: diffusers' solver
+    lines.append(f"  samples      {m['num_samples']:,} {m['split']} prompts, {m['steps']} steps of the {solver} "
+                 f"solver, scale s={m['scale']:g} (guidance_scale {m['guidance_scale']:g}), seed {m['seed']}")
     s = m["sampling"]
     lines.append(f"  sampling     {_num(s.get('images_per_s'), '.2f')} images/s with guidance (sampling + decoding, "
                  f"{s.get('device', '?')}, batch {s.get('batch_size', '?')})")
     lines.append(f"  model        {m['params']:,} params; {m['gflops_true']:.3g} GFLOPs true, "
                  f"{m['gflops_paper']:.3g} paper convention (one forward, batch 1)")
-    lines.append(f"  FID          {_num(m['fid'], '.2f')}" if m["fid"] is not None
+    lines.append(f"  FID          {_num(m['fid'], '.2f')} against {m.get('fid_reference', '?')} "
+                 f"[{m.get('fid_features', 'inception-v3-compat')} features]" if m["fid"] is not None
                  else f"  FID          skipped: {m.get('fid_skipped', '')}")
+    if m.get("fid_reference_warning"):
+        lines.append(f"  warning      {m['fid_reference_warning']}")
     clip = m.get("clip_score")
     lines.append(f"  CLIP score   CLIP-S {clip['clip_s']:.3f} (2.5*max(cos,0)), 100*cos {clip['cos100']:.2f}  "
                  f"[{m.get('clip_model')}]" if clip else f"  CLIP score   skipped: {m.get('clip_skipped', '')}")

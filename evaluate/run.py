@@ -28,9 +28,9 @@ from tqdm.auto import tqdm
 
 from evaluate import judge
 from evaluate.clip_score import ClipScorer, ClipUnavailable, clip_scores
-from evaluate.fid import (INCEPTION, FIDFeatures, FIDUnavailable, frechet_distance, manifest_key,
-                          reference_statistics, statistics)
-from evaluate.sampler import sample
+from evaluate.fid import (INCEPTION, FIDFeatures, FIDUnavailable, frechet_distance, load_statistics,
+                          manifest_key, reference_statistics, save_statistics, statistics)
+from evaluate.sampler import DEFAULT_SOLVER, SOLVER_NOTES, check_solver, sample
 from evaluate.samples import Prompt, SampleFolder, choose_prompts, iter_sample_batches, sample_file, save_grid
 from pipeline.encoders import DEFAULT_CLIP
 from pipeline.reader import ShardSet
@@ -45,7 +45,8 @@ from train.trainer import Dist, init_distributed
 class EvalConfig:
     preset: str = "gpu"
     num_samples: int = 30_000  # the paper's FID-30K: distinct val images, one seeded caption each
-    steps: int = 50  # DPM-Solver++ model evaluations
+    steps: int = 50  # model evaluations (each a doubled cond + uncond batch)
+    solver: str = DEFAULT_SOLVER  # "uvit" (U-ViT's DPM-Solver path, its FIDs) | "dpmpp2m" (evaluate.sampler)
     scale: float = 1.0  # U-ViT's guidance scale s (diffusers' guidance_scale s + 1); the paper's FID uses 1
     scales: tuple[float, ...] = ()  # guidance sweep (by_scale)
     checkpoints: str = "latest"  # "latest" | "all" | "STEP,STEP,..." (by_step)
@@ -53,7 +54,8 @@ class EvalConfig:
     seed: int = 0  # selects the prompts, their captions and each image's noise seed
     split: str = "val"  # prompts and FID reference images
     inception_weights: str | None = None  # local Inception file for offline clusters
-    fid_features: str = INCEPTION  # torch-fidelity feature extractor (its FID layer), or "none"
+    fid_features: str = INCEPTION  # torch-fidelity feature extractor (its FID layer), "pytorch-fid" or "none"
+    fid_ref: str | None = None  # reference statistics .npz (pytorch-fid's format, e.g. U-ViT's) instead of the split
     fid_reference_images: int | None = None  # first N images of the split for the reference (None: all)
     clip: str = DEFAULT_CLIP  # open_clip spec (pipeline.encoders), or "none"
     shards: str | None = None  # the shard set, when it has moved since training (default: the run's)
@@ -62,6 +64,7 @@ class EvalConfig:
     def __post_init__(self):
         if self.num_samples < 1 or self.steps < 1 or self.batch_size < 1:
             raise ValueError("num_samples, steps and batch_size must be >= 1")
+        check_solver(self.solver)
 
 
 # The paper's protocol needs a GPU; on a CPU the defaults shrink so `make demo` stays in its time budget.
@@ -73,8 +76,8 @@ PRESETS = {
                       clip="none"),
 }
 PRESET_NOTES = {
-    "gpu": "paper protocol: DPM-Solver++ with 50 model evaluations, up to 30,000 distinct prompts",
-    "cpu": "CPU preset (few prompts, 25 DPM-Solver++ steps, 256 reference images, no CLIP score): indicative "
+    "gpu": "paper protocol: U-ViT's DPM-Solver with 50 model evaluations, up to 30,000 distinct prompts",
+    "cpu": "CPU preset (few prompts, 25 solver steps, 256 reference images, no CLIP score): indicative "
            "only, not the paper's FID-30K protocol; FID from a few dozen samples is strongly biased upwards",
 }
 
@@ -105,19 +108,22 @@ def select_checkpoints(run_dir: Path, spec: str) -> list[int]:
 class Scorers:
     fid: FIDFeatures | None
     fid_reference: dict | None
+    fid_reference_warning: str | None
     fid_skipped: str | None
     clip: ClipScorer | None
     clip_skipped: str | None
 
     @classmethod
     def load(cls, cfg: EvalConfig, shard_set: ShardSet, device: torch.device, dist: Dist) -> "Scorers":
-        fid = reference = fid_skipped = None
+        fid = reference = warning = fid_skipped = None
         if cfg.fid_features.lower() in ("none", "off", ""):
             fid_skipped = "disabled (--fid-features none)"
         else:
             try:
                 fid = FIDFeatures(cfg.inception_weights, device, cfg.fid_features)
-                if dist.master:  # only rank 0 computes FID; the cache makes later runs instant
+                if cfg.fid_ref:  # checked on every rank: a bad file stops all of them before any sampling
+                    reference, warning = load_statistics(cfg.fid_ref, fid)
+                elif dist.master:  # only rank 0 computes FID; the cache makes later runs instant
                     reference = reference_statistics(shard_set, fid, cfg.split, max_images=cfg.fid_reference_images)
             except FIDUnavailable as e:
                 fid, fid_skipped = None, str(e)
@@ -134,7 +140,7 @@ class Scorers:
         # Every rank scores its share, so a metric one rank cannot compute is skipped on all of them.
         fid_skipped = next((r for r in _gather(fid_skipped, dist) if r), None)
         clip_skipped = next((r for r in _gather(clip_skipped, dist) if r), None)
-        return cls(None if fid_skipped else fid, reference, fid_skipped,
+        return cls(None if fid_skipped else fid, reference, warning, fid_skipped,
                    None if clip_skipped else clip, clip_skipped)
 
 
@@ -183,7 +189,7 @@ def generate(model, codec, null_text: torch.Tensor, prompts: list[Prompt], folde
             context = torch.from_numpy(np.stack([p.text for p in padded])).to(device).float()
             t0 = time.perf_counter()
             latents = sample(model, context, null_text, steps=cfg.steps, scale=scale,
-                             seeds=[p.seed for p in padded])
+                             seeds=[p.seed for p in padded], solver=cfg.solver)
             images = codec.decode(latents)[:len(batch)].cpu()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
@@ -199,7 +205,8 @@ def generate(model, codec, null_text: torch.Tensor, prompts: list[Prompt], folde
     timing_file = folder.path / "sampling.json"
     if images:
         timing = {"images": images, "seconds": round(wall, 3), "images_per_s": images / wall if wall else None,
-                  "steps": cfg.steps, "scale": scale, "batch_size": cfg.batch_size, "world_size": dist.world,
+                  "steps": cfg.steps, "solver": cfg.solver, "scale": scale, "batch_size": cfg.batch_size,
+                  "world_size": dist.world,
                   "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
         if dist.master:
             timing_file.write_text(json.dumps(timing, indent=1))
@@ -240,7 +247,11 @@ def score(folder: SampleFolder, n: int, scorers: Scorers | None, dist: Dist, jud
         elif sum(len(f) for f in features) < 2:
             out["fid_skipped"] = "fewer than 2 readable samples"
         else:
-            out["fid"] = frechet_distance(statistics(torch.cat(features)), scorers.fid_reference)
+            sample_stats = statistics(torch.cat(features))
+            out["fid"] = frechet_distance(sample_stats, scorers.fid_reference)
+            # The samples' side in pytorch-fid's format too, for FID against any other reference later.
+            out["fid_statistics"] = str(save_statistics(folder.path.parent / "fid_stats.npz", sample_stats,
+                                                        scorers.fid.name))
         out["clip_score"] = clip_scores(torch.cat(cosines)) if cosines else None
         if scorers.clip is None:
             out["clip_skipped"] = scorers.clip_skipped
@@ -289,13 +300,15 @@ def evaluate_run(run_dir: str | Path, cfg: EvalConfig) -> dict | None:
     for name, reason in (("FID", scorers.fid_skipped), ("CLIP score", scorers.clip_skipped)):
         if reason:
             say(f"{name} skipped: {reason}")
+    if scorers.fid_reference_warning:
+        say(f"warning: {scorers.fid_reference_warning}")
     codec = shard_set.image_codec(device)
     null_text = shard_set.null_text().to(device)
     set_key = manifest_key(shard_set.manifest)
 
     def folder_params(step, scale, split):
-        return {"step": step, "steps": cfg.steps, "scale": scale, "seed": cfg.seed, "split": split,
-                "num_samples": len(prompts if split == cfg.split else extra_prompts[split]),
+        return {"step": step, "steps": cfg.steps, "solver": cfg.solver, "scale": scale, "seed": cfg.seed,
+                "split": split, "num_samples": len(prompts if split == cfg.split else extra_prompts[split]),
                 "shard_set": set_key}
 
     results, timing, main_model = {}, None, None
@@ -338,13 +351,15 @@ def evaluate_run(run_dir: str | Path, cfg: EvalConfig) -> dict | None:
     metrics = {
         "run": str(run_dir), "variant": run_config["variant"], "step": main_step,
         "preset": cfg.preset, "preset_note": PRESET_NOTES.get(cfg.preset),
-        "num_samples": main["num_samples"], "steps": cfg.steps, "scale": cfg.scale,
+        "num_samples": main["num_samples"], "steps": cfg.steps, "solver": cfg.solver, "scale": cfg.scale,
         "guidance_scale": guidance_scale_equivalent(cfg.scale), "seed": cfg.seed, "split": cfg.split,
-        "sampler": "DPM-Solver++ (diffusers DPMSolverMultistepScheduler, order 2), EMA weights, "
-                   + ("bf16 autocast" if device.type == "cuda" else "fp32"),
+        "sampler": f"{SOLVER_NOTES[cfg.solver]}, EMA weights, {'bf16 autocast' if device.type == 'cuda' else 'fp32'}",
         "fid": main["fid"], **({"fid_skipped": main["fid_skipped"]} if main.get("fid_skipped") else {}),
-        "fid_reference": f"{shard_set.path}/fid_reference: {cfg.split} images"
-                         + (f", the first {cfg.fid_reference_images}" if cfg.fid_reference_images else ", all"),
+        "fid_reference": str(cfg.fid_ref) if cfg.fid_ref else (
+            f"{shard_set.path}/fid_reference: {cfg.split} images"
+            + (f", the first {cfg.fid_reference_images}" if cfg.fid_reference_images else ", all")),
+        **({"fid_reference_warning": scorers.fid_reference_warning} if scorers.fid_reference_warning else {}),
+        "fid_features": cfg.fid_features, "fid_statistics": main.get("fid_statistics"),
         "clip_score": main["clip_score"], "clip_model": None if scorers.clip is None else scorers.clip.spec,
         **({"clip_skipped": main["clip_skipped"]} if main.get("clip_skipped") else {}),
         "sampling": {"images_per_s": timing.get("images_per_s"), "seconds": timing.get("seconds"),

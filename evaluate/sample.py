@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from evaluate.sampler import DEFAULT_SOLVER, SOLVERS
 from evaluate.samples import save_png
 
 
@@ -27,7 +28,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--num", type=int, default=4, help="images per prompt (default 4)")
     p.add_argument("--scale", type=float, default=3.0, help="guidance scale s, U-ViT convention (default 3, "
                                                             "the paper's figures; diffusers' guidance_scale s+1)")
-    p.add_argument("--steps", type=int, default=50, help="DPM-Solver++ steps (default 50)")
+    p.add_argument("--steps", type=int, default=50, help="model evaluations of the solver (default 50)")
+    p.add_argument("--solver", choices=SOLVERS, default=DEFAULT_SOLVER,
+                   help=f"ODE solver (default {DEFAULT_SOLVER}, U-ViT's path; dpmpp2m: diffusers' multistep)")
     p.add_argument("--seed", type=int, default=0, help="image i of each prompt uses seed + i (default 0)")
     p.add_argument("--step", type=int, help="checkpoint step (default: the newest)")
     p.add_argument("--shards", help="the run's shard set, if it has moved since training")
@@ -65,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     for prompt in args.prompt:
         context = encoder([prompt]).to(device).expand(args.num, -1, -1)
         images = codec.decode(sample(model, context, null_text, steps=args.steps, scale=args.scale,
-                                     seeds=seeds)).cpu()
+                                     seeds=seeds, solver=args.solver)).cpu()
         paths = [out / f"{slug(prompt)}_seed{s}.png" for s in seeds]
         for image, path in zip(images, paths):
             save_png(image, path)
@@ -74,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
                          padding=2, pad_value=255)
         save_png(grid, out / f"{slug(prompt)}_grid.png")
         print(f"{prompt!r}: {len(paths)} images in {out}/ ({paths[0].name} ... ; grid {slug(prompt)}_grid.png), "
-              f"scale {args.scale:g}, {args.steps} steps, seeds {seeds[0]}..{seeds[-1]}")
+              f"scale {args.scale:g}, {args.steps} {args.solver} steps, seeds {seeds[0]}..{seeds[-1]}")
 
         if not is_shapes:
             continue

@@ -51,6 +51,7 @@ def test_metrics_json_has_the_contracted_keys(evaluated):
     assert CONTRACT_KEYS <= set(m)
     assert (m["variant"], m["step"], m["num_samples"], m["steps"], m["scale"], m["guidance_scale"], m["seed"]) == \
         ("if_concat", 2, 6, 3, 1.0, 2.0, 7)
+    assert m["solver"] == "uvit" and m["sampler"].startswith("U-ViT's DPM-Solver++")  # the default
     assert isinstance(m["fid"], float) and m["fid"] >= 0
     assert set(m["clip_score"]) == {"clip_s", "cos100"}
     assert m["sampling"]["images_per_s"] > 0 and m["sampling"]["seconds"] > 0
@@ -125,18 +126,47 @@ def test_missing_weights_skip_fid_and_clip_with_the_fix(evaluated, tmp_path):
     out = tmp_path / "run"
     make_run(ShardSet(json.loads((run / "config.json").read_text())["shards"]).path, out, steps=(3,))
     assert evaluate_main(["--run", str(out), "--num-samples", "2", "--steps", "2", "--batch-size", "2",
-                          "--inception-weights", str(tmp_path / "missing.pth"),
+                          "--solver", "dpmpp2m", "--inception-weights", str(tmp_path / "missing.pth"),
                           "--clip", f"local-dir:{tmp_path / 'missing'}"]) == 0
     m = json.loads((out / "eval" / "metrics.json").read_text())
     assert m["fid"] is None and "--inception-weights" in m["fid_skipped"]
     assert m["clip_score"] is None and "--clip" in m["clip_skipped"]
     assert m["shapes"]["val"]["num_images"] == 2  # the rest still runs
+    assert m["solver"] == "dpmpp2m" and "diffusers" in m["sampler"]
+    assert json.loads((out / "eval" / "samples" / "params.json").read_text())["solver"] == "dpmpp2m"
 
 
 def test_sample_cli_writes_pngs_for_free_text(evaluated, tmp_path, capsys):
     run, _ = evaluated
     assert sample_main(["--run", str(run), "--prompt", "two red circles", "--num", "2", "--steps", "2",
-                        "--out", str(tmp_path)]) == 0
+                        "--solver", "dpmpp2m", "--out", str(tmp_path)]) == 0
     assert sorted(p.name for p in tmp_path.glob("*.png")) == [
         "two_red_circles_grid.png", "two_red_circles_seed0.png", "two_red_circles_seed1.png"]
-    assert "judge: exact scene" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "judge: exact scene" in out and "2 dpmpp2m steps" in out
+
+
+def test_fid_ref_file_gives_the_same_fid_as_the_split_images(evaluated, shapes_shards, tmp_path, capsys):
+    """A pytorch-fid-format reference of the same val images and features is the same reference."""
+    from evaluate.fid import FIDFeatures, decode_png, frechet_distance, load_statistics
+
+    run, args = evaluated
+    first = json.loads((run / "eval" / "metrics.json").read_text())
+    features = FIDFeatures(device="cpu", extractor=register_tiny_fid())
+    images = torch.stack([decode_png(r["png"]) for r in ShardSet(shapes_shards).records("val")])
+    act = features(images).numpy().astype(np.float64)
+    ref = tmp_path / "fid_stats_val.npz"  # as pytorch-fid and U-ViT write it: no `features` entry
+    np.savez(ref, mu=act.mean(0), sigma=np.cov(act, rowvar=False))
+    main_only = [a for a in args if a not in ("--scales", "0,1", "--checkpoints", "all")]
+    assert evaluate_main(main_only + ["--fid-ref", str(ref)]) == 0
+    m = json.loads((run / "eval" / "metrics.json").read_text())
+    assert m["fid"] == pytest.approx(first["fid"], rel=1e-5) and m["fid_reference"] == str(ref)
+    assert "pytorch-fid" in m["fid_reference_warning"] and "warning:" in capsys.readouterr().out
+    # The samples' statistics are written in the same format: FID from the two files is the reported one.
+    samples, _ = load_statistics(m["fid_statistics"])
+    assert frechet_distance(samples, load_statistics(ref)[0]) == pytest.approx(m["fid"], rel=1e-9)
+    # A file that cannot be a reference stops the evaluation at once: one line, exit status 2.
+    (tmp_path / "bad.npz").write_text("no")
+    with pytest.raises(SystemExit) as stop:
+        evaluate_main(main_only + ["--fid-ref", str(tmp_path / "bad.npz")])
+    assert stop.value.code == 2 and "not a readable statistics" in capsys.readouterr().err

@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 
 from evaluate import fid as fid_module
-from evaluate.fid import FIDFeatures, FIDUnavailable, frechet_distance, reference_statistics, statistics
+from evaluate.fid import (FIDFeatures, FIDReferenceError, FIDUnavailable, frechet_distance, load_statistics,
+                          reference_statistics, save_statistics, statistics)
 from evaluate_helpers import register_tiny_fid
 
 
@@ -83,6 +84,13 @@ def test_reference_statistics_cached_and_invalidated(tmp_path, features, capsys)
     assert ss.reads == 2
 
 
+def test_a_shard_set_without_images_asks_for_a_reference_file(tmp_path, features):
+    ss = FakeShardSet(tmp_path, random_images(4, 0), {"stores_images": False, "shards": {}})
+    with pytest.raises(FIDUnavailable, match="--fid-ref FILE.npz"):
+        reference_statistics(ss, features, "val")
+    assert ss.reads == 0  # refused before reading the split
+
+
 def test_missing_inception_weights_name_the_fix(tmp_path, monkeypatch):
     with pytest.raises(FIDUnavailable, match="--inception-weights"):
         FIDFeatures(weights_path=tmp_path / "nope.pth", device="cpu")
@@ -93,3 +101,107 @@ def test_missing_inception_weights_name_the_fix(tmp_path, monkeypatch):
     monkeypatch.setattr(fid_module.torch_fidelity.utils, "create_feature_extractor", offline)
     with pytest.raises(FIDUnavailable, match="network access.*--inception-weights"):
         FIDFeatures(device="cpu")
+
+
+# -- reference statistics files (pytorch-fid's format) ---------------------------------------------------
+
+def pytorch_fid_style_file(path, features_np):
+    """What pytorch-fid (and U-ViT's tools/fid_score.py) writes: float64 activations, np.mean / np.cov."""
+    act = features_np.astype(np.float64)
+    np.savez(path, mu=np.mean(act, axis=0), sigma=np.cov(act, rowvar=False))
+    return path
+
+
+def test_fid_against_an_npz_equals_fid_from_the_same_features(tmp_path, features):
+    generated, reference = features(random_images(64, 0)), features(random_images(64, 1, shift=30))
+    direct = frechet_distance(statistics(generated), statistics(reference))
+    assert direct > 1e-3
+    # Ours: written with save_statistics, read back without a warning.
+    ours, warning = load_statistics(save_statistics(tmp_path / "ours.npz", statistics(reference), features.name),
+                                    features)
+    assert warning is None
+    assert frechet_distance(statistics(generated), ours) == pytest.approx(direct, rel=1e-9)
+    # pytorch-fid's / U-ViT's: float64 mu, no `features` entry -> used, with the resize warning.
+    foreign, warning = load_statistics(pytorch_fid_style_file(tmp_path / "theirs.npz", reference.numpy()), features)
+    assert "pytorch-fid" in warning and "--fid-features pytorch-fid" in warning
+    assert frechet_distance(statistics(generated), foreign) == pytest.approx(direct, rel=1e-5)
+
+
+def test_saved_statistics_are_pytorch_fids_format(tmp_path, features):
+    path = save_statistics(tmp_path / "s.npz", statistics(features(random_images(8, 0))), features.name)
+    with np.load(path, allow_pickle=False) as f:  # as pytorch-fid reads it: f["mu"][:], f["sigma"][:]
+        assert f["mu"].dtype == np.float64 and f["sigma"].dtype == np.float64
+        assert f["mu"].shape == (16,) and f["sigma"].shape == (16, 16)
+        assert str(f["features"]) == features.name
+
+
+def test_unusable_reference_files_are_refused_with_the_reason(tmp_path, features):
+    mu, sigma = np.zeros(16), np.eye(16)
+    cases = {
+        "missing.npz": None,
+        "no_sigma.npz": dict(mu=mu),
+        "pickled.npz": dict(mu=np.array([{"x": 1}], dtype=object), sigma=sigma),
+        "shape.npz": dict(mu=mu, sigma=np.eye(15)),
+        "width.npz": dict(mu=np.zeros(2048), sigma=np.eye(2048)),
+        "ints.npz": dict(mu=mu.astype(np.int64), sigma=sigma),
+        "nan.npz": dict(mu=np.full(16, np.nan), sigma=sigma),
+        "other_features.npz": dict(mu=mu, sigma=sigma, features=np.array("inception-v3-compat")),
+    }
+    expected = {"missing.npz": "no FID reference file", "no_sigma.npz": "has no sigma",
+                "pickled.npz": "not a readable statistics", "shape.npz": "are not", "width.npz": "2048-d",
+                "ints.npz": "int64", "nan.npz": "non-finite", "other_features.npz": "--fid-features inception"}
+    for name, arrays in cases.items():
+        if arrays is not None:
+            np.savez(tmp_path / name, **arrays)  # np.savez pickles object arrays: the file itself is fine
+        with pytest.raises(FIDReferenceError, match=expected[name]):
+            load_statistics(tmp_path / name, features)
+    (tmp_path / "text.npz").write_text("not a zip")
+    with pytest.raises(FIDReferenceError, match="not a readable"):
+        load_statistics(tmp_path / "text.npz", features)
+
+
+def test_pytorch_fid_features_are_pytorch_fids_own(tmp_path, monkeypatch):
+    """Our pytorch-fid path gives pytorch-fid's activations for the PNGs of the same images (random weights)."""
+    pfi = pytest.importorskip("pytorch_fid.inception")
+    from pytorch_fid.fid_score import calculate_frechet_distance, get_activations
+
+    built = []
+
+    def recording(*args, **kwargs):  # the network fid_inception_v3 builds, so its "download" can be faked
+        built.append(original(*args, **kwargs))
+        return built[-1]
+
+    original = pfi._inception_v3
+    monkeypatch.setattr(pfi, "_inception_v3", recording)
+    monkeypatch.setattr(pfi, "load_state_dict_from_url", lambda *a, **k: built[-1].state_dict())
+    torch.manual_seed(0)
+    features = FIDFeatures(device="cpu", extractor=fid_module.PYTORCH_FID)
+    images = random_images(4, 3)
+    files = []
+    for i, image in enumerate(images):
+        files.append(tmp_path / f"{i}.png")
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(files[-1])
+    theirs = get_activations(files, features.model, batch_size=4, dims=2048, device="cpu", num_workers=0)
+    ours = features(images)
+    assert ours.shape == (4, 2048) and features.dims == 2048
+    assert np.allclose(ours.numpy(), theirs, rtol=1e-4, atol=1e-5)
+    # ... and the distance is pytorch-fid's (its sqrtm against torch-fidelity's eigenvalues).
+    rng = np.random.default_rng(0)
+    sa, sb = ({"mu": x.mean(0), "sigma": np.cov(x, rowvar=False)}
+              for x in (rng.normal(0, 1, (200, 16)), rng.normal(0.3, 1.2, (200, 16))))
+    assert frechet_distance(sa, sb) == pytest.approx(calculate_frechet_distance(sa["mu"], sa["sigma"], sb["mu"],
+                                                                                sb["sigma"]), rel=1e-6)
+
+
+def test_pytorch_fid_features_without_the_package_name_the_fix(monkeypatch):
+    import builtins
+    real_import = builtins.__import__
+
+    def no_pytorch_fid(name, *args, **kwargs):
+        if name.startswith("pytorch_fid"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_pytorch_fid)
+    with pytest.raises(FIDUnavailable, match="pip install pytorch-fid"):
+        FIDFeatures(device="cpu", extractor=fid_module.PYTORCH_FID)
