@@ -1,4 +1,5 @@
 """`make wheelhouse`: the wheels a bare GPU image lacks install offline into a private folder and import."""
+import os
 import platform
 import re
 import sys
@@ -52,3 +53,31 @@ def test_every_requirement_is_in_the_wheelhouse_or_on_the_gpu_image(wheels, monk
     monkeypatch.setattr(wheelhouse, "WHEELS", {n: v for n, v in wheelhouse.WHEELS.items() if n != "wcwidth"})
     monkeypatch.setattr(wheelhouse, "GPU_IMAGE", wheelhouse.GPU_IMAGE - {"wcwidth"})
     assert any("ftfy" in p and "wcwidth" in p for p in wheelhouse.unmet_requirements(wheels))
+
+
+def test_the_campaign_installs_missing_packages_from_the_wheelhouse_once(wheels, tmp_path, monkeypatch):
+    """benchmarks.gpu on a bare image: what is missing comes from the wheelhouse, into a private folder that
+    goes first on the stages' PYTHONPATH; a second campaign on the same machine installs nothing again."""
+    import sys
+
+    from benchmarks import environment
+
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    missing = iter([["diffusers", "webdataset"], [], ["diffusers"], []])
+    monkeypatch.setattr(environment, "missing_packages", lambda: next(missing))
+    site = tmp_path / "site"
+    report = environment.prepare(wheels, site)
+    assert report["missing_before"] == ["diffusers", "webdataset"] and report["missing_after"] == []
+    assert (site / "diffusers" / "__init__.py").is_file() and sys.path[0] == str(site)
+    assert report["env"]["PYTHONPATH"].split(os.pathsep)[:2] == [str(site), str(ROOT)]
+    stamp = (site / ".installed").stat().st_mtime_ns
+    environment.prepare(wheels, site)
+    assert (site / ".installed").stat().st_mtime_ns == stamp  # nothing reinstalled
+
+
+def test_without_a_wheelhouse_the_campaign_says_how_to_make_one(tmp_path, monkeypatch):
+    from benchmarks import environment
+
+    monkeypatch.setattr(environment, "missing_packages", lambda: ["diffusers"])
+    report = environment.prepare(tmp_path / "no-wheelhouse", tmp_path / "site")
+    assert "make wheelhouse" in report["problem"] and report["site"] is None and not (tmp_path / "site").exists()
