@@ -91,7 +91,8 @@ class Recorder:
         except Exception as e:  # noqa: BLE001 - one item's failure (OOM, compile error, ...) must not end the stage
             traceback.print_exc()
             entry = {"status": "failed", **out, "error": error_text(e)}
-            free_gpu_memory()
+        if entry["status"] == "failed":
+            free_gpu_memory()  # here, once the exception and the frames it holds are gone
         entry["seconds"] = round(time.monotonic() - start, 2)
         self.data["items"][name] = entry
         self.flush()

@@ -55,6 +55,7 @@ def measure(name: str, cfg, size: dict, device: torch.device, compile_model: boo
     cuda = device.type == "cuda"
     kwargs = dict(batch=size["batch"], steps=size["steps"], warmup=size["warmup"], device=device,
                   autocast_dtype=torch.bfloat16 if cuda else None, cfg=cfg, profile_attention=cuda)
+    result = None
     try:
         result = bench_variant(name, compile_model=compile_model, **kwargs)
     except torch.cuda.OutOfMemoryError:
@@ -62,9 +63,10 @@ def measure(name: str, cfg, size: dict, device: torch.device, compile_model: boo
     except Exception as e:  # noqa: BLE001 - a compile failure: the eager figure, labelled
         if not compile_model:
             raise
+        out["compile_error"] = error_text(e)
+    if result is None:  # outside the except block, so the failed model's memory can go first
         torch._dynamo.reset()
         free_gpu_memory()
-        out["compile_error"] = error_text(e)
         result = bench_variant(name, compile_model=False, **kwargs)
     result["compiled"] = compile_model and "compile_error" not in out
     out.update(result)
