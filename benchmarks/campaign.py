@@ -107,6 +107,17 @@ def error_text(e: BaseException, limit: int = 600) -> str:
     return text if len(text) <= limit else text[:limit] + " ..."
 
 
+def stage_device(ctx: "StageContext"):
+    """The GPU unless --smoke (or none is there), with TF32 on for fp32 work as the trainer, the pipeline and
+    evaluate run it."""
+    import torch
+
+    cuda = torch.cuda.is_available() and not ctx.smoke
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    return torch.device("cuda" if cuda else "cpu")
+
+
 def free_gpu_memory() -> None:
     """After an out-of-memory error the cached blocks of the failed item would starve the next one."""
     torch = sys.modules.get("torch")

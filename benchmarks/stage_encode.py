@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from benchmarks.campaign import Recorder, StageContext
+from benchmarks.campaign import Recorder, StageContext, stage_device
 from benchmarks.stage_eval import TOY_CLIP, TOY_VAE
 from pipeline.bench import bench_text, bench_vae
 from pipeline.executors import pool_context
@@ -96,10 +96,8 @@ def write_rate(work: Path, records: int) -> dict:
 def run(rec: Recorder, ctx: StageContext) -> None:
     import open_clip
 
-    cuda = torch.cuda.is_available() and not ctx.smoke
-    device = torch.device("cuda" if cuda else "cpu")
-    if cuda:
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    device = stage_device(ctx)
+    cuda = device.type == "cuda"
     rec.set("settings", {"device": torch.cuda.get_device_name() if cuda else "cpu", "dtype": "float32 (TF32)",
                          "model": "SD-VAE encoder 256 px, CLIP ViT-L/14 text tower" if not ctx.smoke else "toy"})
     with rec.item("vae_encoder") as out:

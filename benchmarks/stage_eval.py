@@ -20,7 +20,7 @@ from unittest import mock
 
 import torch
 
-from benchmarks.campaign import Recorder, StageContext
+from benchmarks.campaign import Recorder, StageContext, stage_device
 from pipeline.bench import timed
 from pipeline.encoders import SD_VAE_CONFIG, VAECodec
 from benchmarks.stage_train import toy_config
@@ -75,10 +75,8 @@ def run(rec: Recorder, ctx: StageContext) -> None:
     from evaluate.fid import FIDFeatures, decode_png
     from evaluate.samples import save_png
 
-    cuda = torch.cuda.is_available() and not ctx.smoke
-    device = torch.device("cuda" if cuda else "cpu")
-    if cuda:
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    device = stage_device(ctx)
+    cuda = device.type == "cuda"
     batches, default, steps, side = (BATCHES, DEFAULT_BATCH, STEPS, 256) if cuda else ((2, 4), 4, 2, 32)
     if ctx.smoke:  # a toy model of the same class; the real one takes minutes per batch on a CPU
         configs = {v: toy_config(v, img_size=8) for v in ("early_concat", "if_xattn")}
@@ -111,7 +109,7 @@ def run(rec: Recorder, ctx: StageContext) -> None:
             z = torch.randn(batch, codec.latent_channels, latent_side, latent_side, device=device)
             seconds = timed(lambda: codec.decode(z), 1, 3 if cuda else 1, device)
             out.update(batch=batch, images_per_s=batch / seconds, resolution=side)
-    del codec
+    codec = None  # frees the decoder for what follows
 
     score_batch = 256 if cuda else 2
     pictures = images(score_batch, side)

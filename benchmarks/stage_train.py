@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from benchmarks.campaign import Recorder, StageContext, error_text, free_gpu_memory
+from benchmarks.campaign import Recorder, StageContext, error_text, free_gpu_memory, stage_device
 from train.bench import add_ratios, bench_variant
 from train.flops import PAPER_TABLE
 from train.model import ABLATIONS, VARIANTS
@@ -74,10 +74,8 @@ def measure(name: str, cfg, size: dict, device: torch.device, compile_model: boo
 
 
 def run(rec: Recorder, ctx: StageContext) -> None:
-    cuda = torch.cuda.is_available() and not ctx.smoke
-    device = torch.device("cuda" if cuda else "cpu")
-    if cuda:
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    device = stage_device(ctx)
+    cuda = device.type == "cuda"
     eager_size = dict(batch=256, steps=20, warmup=5) if cuda else dict(batch=2, steps=2, warmup=1)
     compiled_size = dict(batch=256, steps=30, warmup=10)
     rec.set("settings", {"batch": eager_size["batch"], "eager": eager_size, "compiled": compiled_size if cuda else None,
