@@ -48,6 +48,8 @@ def sampling(model, batch: int, steps: int, device: torch.device, text_dim: int)
     context = torch.randn(batch, 77, text_dim, generator=gen).to(device)
     null = torch.randn(77, text_dim, generator=gen).to(device)
     run = lambda n: sample(model, context, null, steps=n, scale=1.0, seeds=range(batch))  # noqa: E731
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     run(2)  # warm-up: kernels, cuBLAS handles and, for a compiled model, compilation
     warmup = time.perf_counter() - start
