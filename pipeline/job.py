@@ -25,11 +25,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+
 from pipeline.encoders import DEFAULT_CLIP, DEFAULT_VAE
+from pipeline.executors import absolute_spec, choose_executor, run_local, run_ray
 from pipeline.manifest import (FORMAT_VERSION, MANIFEST, NULL_TEXT, STAGING, TEXT_ENCODER_DIR, atomic_write_json,
                                config_hash, load_manifest)
 from pipeline.sources import Preprocess
-from pipeline.executors import absolute_spec, choose_executor, run_local, run_ray
 
 RANDOM_TEXT_ENCODER = "random"  # --clip random: a seeded random CLIP text tower saved inside the set
 PAPER_COCO_SCALE = 0.23010  # U-ViT's latent scale for SD-VAE on MS-COCO 256 (1 / std of its latents)
