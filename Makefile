@@ -33,7 +33,8 @@ TRAIN   = $(LAUNCH) -m train --shards $(SHARDS) $(if $(PRESET),--preset $(PRESET
           $(if $(STEPS),--steps $(STEPS),) $(TRAIN_ARGS)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test test-fast test-gpu shards train eval compare flops bench bench-pipeline demo clean-venv
+.PHONY: help setup test test-fast test-gpu shards train eval compare flops bench bench-pipeline demo wheelhouse \
+	gpu-check clean-venv
 
 help: ## this list
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-15s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -110,6 +111,19 @@ bench: setup ## training speed of the four variants -> bench-train.json
 
 bench-pipeline: setup ## encoder and loader throughput -> bench-pipeline.json
 	$(PY) -m pipeline bench --json bench-pipeline.json
+
+# The GPU campaign (docs/gpu-campaign.md). `wheelhouse` fetches the wheels a bare GPU image lacks into .whl/
+# (ignored; carry it along); `gpu-check` runs every GPU figure in one budgeted command, never `setup`: on a
+# bare GPU machine it uses the image's python3 and installs .whl/ offline into a private folder.
+# GPU_OUT=DIR for the summary files, GPU_ARGS="--budget 420 --stages train,science" or "--smoke".
+HOST_PY   = $(if $(wildcard $(PY)),$(PY),$(PYTHON))
+GPU_OUT  ?= runs/gpu-check
+GPU_ARGS ?=
+wheelhouse: ## the pinned wheels a bare GPU image lacks -> .whl/ (docs/gpu-campaign.md)
+	$(HOST_PY) -m benchmarks.wheelhouse --dest .whl
+
+gpu-check: ## every GPU figure in one budgeted command (GPU_OUT=, GPU_ARGS=)
+	$(HOST_PY) -m benchmarks.gpu --out $(GPU_OUT) $(GPU_ARGS)
 
 clean-venv: ## remove .venv
 	rm -rf $(VENV)

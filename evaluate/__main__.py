@@ -52,8 +52,9 @@ def parser() -> ArgumentParser:
     p.add_argument("--inception-weights", metavar="PATH",
                    help="torch-fidelity's weights-inception-2015-12-05-6726825d.pth, for offline machines")
     p.add_argument("--fid-features", metavar="NAME", help="feature extractor for FID: a torch-fidelity name "
-                                                          "(default inception-v3-compat, the standard FID), or "
-                                                          "pytorch-fid (needs that package: U-ViT's FID path)")
+                                                          "(default inception-v3-compat, the standard FID), "
+                                                          "pytorch-fid (needs that package: U-ViT's FID path), or "
+                                                          "none to skip FID")
     p.add_argument("--fid-ref", metavar="FILE.npz", help="FID reference statistics (mu, sigma: pytorch-fid's "
                                                          "format, e.g. U-ViT's fid_stats_mscoco256_val.npz) "
                                                          "instead of the split's own images")

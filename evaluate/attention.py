@@ -4,7 +4,7 @@
 
 Samples N validation prompts with the run's EMA weights and records, at every fused block and every sampling
 step, the probabilities of each patch query over the text keys -- the conditional half of the guidance
-batch only (the sampler's `attention_callback`, CONTRACTS §5). Two summaries per block:
+batch only (the sampler's `attention_callback`, docs/CONTRACTS.md §5). Two summaries per block:
 
 - the average map: each patch query's attention mass on the text (its probabilities summed over the text
   keys), averaged over prompts, heads and steps and laid out on the latent grid;

@@ -1,4 +1,4 @@
-"""FID with torch-fidelity's Inception features, streamed batch by batch (docs/sampling.md, "FID reference").
+"""FID with torch-fidelity's Inception features, streamed batch by batch (docs/sampling.md, "FID reference statistics").
 
     features = FIDFeatures(weights_path=None, device="cuda")   # raises FIDUnavailable with the fix
     ref = reference_statistics(shard_set, features)            # cached in ~/.cache/ifvit (or $IFVIT_CACHE)

@@ -58,7 +58,7 @@ class EvalConfig:
     seed: int = 0  # selects the prompts, their captions and each image's noise seed
     split: str = "val"  # prompts and FID reference images
     inception_weights: str | None = None  # local Inception file for offline clusters
-    fid_features: str = INCEPTION  # torch-fidelity feature extractor (its FID layer), or "pytorch-fid"
+    fid_features: str = INCEPTION  # torch-fidelity feature extractor (its FID layer), "pytorch-fid" or "none"
     fid_ref: str | None = None  # reference statistics .npz (pytorch-fid's format, e.g. U-ViT's) instead of the split
     fid_reference_images: int | None = None  # first N images of the split for the reference (None: all)
     clip: str = DEFAULT_CLIP  # open_clip spec (pipeline.encoders), or "none"
@@ -124,15 +124,18 @@ class Scorers:
     @classmethod
     def load(cls, cfg: EvalConfig, shard_set: ShardSet, device: torch.device, dist: Dist) -> "Scorers":
         fid = reference = warning = fid_skipped = None
-        try:
-            fid = FIDFeatures(cfg.inception_weights, device, cfg.fid_features)
-            if cfg.fid_ref:  # checked on every rank: a bad file stops all of them before any sampling
-                reference, warning = load_statistics(cfg.fid_ref, fid)
-            elif dist.master:  # only rank 0 computes FID; the cache makes later runs instant
-                reference = reference_statistics(shard_set, fid, cfg.split, max_images=cfg.fid_reference_images,
-                                                 cache_dir=cfg.cache_dir)
-        except FIDUnavailable as e:
-            fid, fid_skipped = None, str(e)
+        if cfg.fid_features.lower() in ("none", "off", ""):
+            fid_skipped = "disabled (--fid-features none)"
+        else:
+            try:
+                fid = FIDFeatures(cfg.inception_weights, device, cfg.fid_features)
+                if cfg.fid_ref:  # checked on every rank: a bad file stops all of them before any sampling
+                    reference, warning = load_statistics(cfg.fid_ref, fid)
+                elif dist.master:  # only rank 0 computes FID; the cache makes later runs instant
+                    reference = reference_statistics(shard_set, fid, cfg.split, max_images=cfg.fid_reference_images,
+                                                     cache_dir=cfg.cache_dir)
+            except FIDUnavailable as e:
+                fid, fid_skipped = None, str(e)
         clip = clip_skipped = None
         if cfg.clip.lower() in ("none", "off", ""):
             clip_skipped = ("disabled (--clip none" + (", the cpu preset's default: ViT-L/14 costs ~1.5 s per "

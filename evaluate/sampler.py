@@ -1,4 +1,4 @@
-"""Text-to-image sampling: an ODE solver with classifier-free guidance (CONTRACTS §5, docs/sampling.md).
+"""Text-to-image sampling: an ODE solver with classifier-free guidance (docs/CONTRACTS.md §5, docs/sampling.md).
 
     latents = sample(model, context, null_context, steps=50, scale=1.0, seeds=[...], solver="uvit")
 

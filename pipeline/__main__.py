@@ -8,6 +8,7 @@ from pathlib import Path
 from ifvit.cli import ArgumentParser, entry_point
 from ifvit.errors import MissingPath
 from pipeline.encoders import DEFAULT_CLIP, DEFAULT_VAE
+from pipeline.executors import EXECUTORS
 from pipeline.job import RANDOM_TEXT_ENCODER, JobConfig, run
 from pipeline.sources import CocoSource, Preprocess, ShapesSource, TableSource
 
@@ -29,6 +30,10 @@ def add_job_options(p: argparse.ArgumentParser, out: str | None, resolution: int
     p.add_argument("--limit", type=int, help="encode only the first N images of each split")
     p.add_argument("--latent-scale", type=float, help="override the latent scale recorded in the manifest")
     p.add_argument("--batch-size", type=int, default=64, help="encoder batch size (images or captions)")
+    p.add_argument("--executor", choices=EXECUTORS, default="auto",
+                   help="ray: Ray Data (clusters, multi-node); local: this process + a pool of CPU workers, no Ray "
+                        "needed; auto (default): ray where it is installed, else local")
+    p.add_argument("--workers", type=int, help="the local executor's load/write processes (default: every core)")
     p.add_argument("--ray-address", help="join a running Ray cluster (e.g. auto or HEAD:6379): the multi-node path; "
                                          "--out and the inputs must be on storage every node sees")
     p.add_argument("--strict", action="store_true", help="fail (exit 1) if any input is skipped")
@@ -41,7 +46,8 @@ def job_config(args, image_encoder: str, text_encoder: str, seed: int = 0) -> Jo
                      max_aspect=getattr(args, "max_aspect", Preprocess.max_aspect))
     return JobConfig(out=args.out, image_encoder=image_encoder, text_encoder=text_encoder, preprocess=pre,
                      shard_size=args.shard_size, limit=args.limit, latent_scale=args.latent_scale, seed=seed,
-                     batch_size=args.batch_size, ray_address=args.ray_address, strict=args.strict)
+                     batch_size=args.batch_size, executor=args.executor, workers=args.workers,
+                     ray_address=args.ray_address, strict=args.strict)
 
 
 @entry_point

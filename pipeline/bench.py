@@ -44,21 +44,24 @@ def timed(fn, warmup: int, iters: int, device: torch.device) -> float:
 
 
 @torch.no_grad()
-def bench_vae(device: torch.device, batch: int, iters: int) -> dict:
+def bench_vae(device: torch.device, batch: int, iters: int, config: dict = SD_VAE_CONFIG,
+              resolution: int = 256) -> dict:
+    """SD-VAE encoder images/s (`config`: another AutoencoderKL architecture, e.g. a toy one for a smoke run)."""
     from diffusers import AutoencoderKL
 
-    vae = AutoencoderKL(**SD_VAE_CONFIG).to(device).eval()
-    x = torch.rand(batch, 3, 256, 256, device=device) * 2 - 1
+    vae = AutoencoderKL(**config).to(device).eval()
+    x = torch.rand(batch, 3, resolution, resolution, device=device) * 2 - 1
     seconds = timed(lambda: vae.encode(x).latent_dist.parameters, int(device.type == "cuda"), iters, device)
-    return {"images_per_s": batch / seconds, "batch": batch, "resolution": 256, "dtype": "float32",
+    return {"images_per_s": batch / seconds, "batch": batch, "resolution": resolution, "dtype": "float32",
             "encoder_params": sum(p.numel() for p in vae.encoder.parameters()) +
                               sum(p.numel() for p in vae.quant_conv.parameters())}
 
 
-def bench_text(device: torch.device, batch: int, iters: int) -> dict:
+def bench_text(device: torch.device, batch: int, iters: int, model=None) -> dict:
+    """Text tower captions/s: ViT-L/14's unless `model` is another open_clip CLIP (e.g. a toy one)."""
     import open_clip
 
-    model = open_clip.create_model(DEFAULT_CLIP_ARCH, pretrained=None)
+    model = model if model is not None else open_clip.create_model(DEFAULT_CLIP_ARCH, pretrained=None)
     encoder = TextEncoder(model, open_clip.get_tokenizer(DEFAULT_CLIP_ARCH), f"{DEFAULT_CLIP_ARCH}:random", device)
     captions = [CAPTIONS[i % len(CAPTIONS)] + f" {i}" for i in range(batch)]
     tokens, _ = encoder.tokenize(captions)

@@ -1,43 +1,38 @@
-"""The Ray job: encode a source's captioned images into a WebDataset shard set (docs/design.md, "Shard set").
+"""The encoding job: a source's captioned images into a WebDataset shard set (docs/pipeline.md).
 
-    driver  list the source's rows -> cut each split into shards of `shard_size` rows, in order
-            -> leave out shards a previous (killed) run already finished: their sidecar exists
-    Ray     load, convert, crop, resize     CPU tasks, one shard each
-            encode images and captions      actor pool: one actor per GPU, else one CPU actor per node
-            write the tar, then its sidecar CPU tasks (temporary name + os.replace)
-    driver  tqdm over finished shards -> manifest.json, written last -> summary
+    driver    list the source's rows -> cut each split into shards of `shard_size` rows, in order
+              -> leave out shards a previous (killed) run already finished: their sidecar exists
+    executor  load, convert, crop, resize     CPU work, one shard at a time
+              encode images and captions      one encoder per GPU (or a CPU one)
+              write the tar, then its sidecar CPU work (temporary name + os.replace)
+    driver    tqdm over finished shards -> manifest.json, written last -> summary
 The driver holds the shard set's folder lock (ifvit.lock) from start to end: a second job into the same
 --out stops at once, naming the first.
 
-A shard is the unit of work and of resumption. Its rows are fixed by the plan and its tar appears only
-whole, so running the same command after a kill writes exactly the missing shards: every key ends up in the
-set exactly once. The Ray stages themselves are in pipeline/stages.py.
+The executor is Ray Data (clusters, multi-node) or this process with a multiprocessing pool (one machine
+without Ray); pipeline/executors.py runs either over the same stages, pipeline/stages.py. A shard is the
+unit of work and of resumption. Its rows are fixed by the plan and its tar appears only whole, so running
+the same command after a kill writes exactly the missing shards: every key ends up in the set exactly once.
 """
 from __future__ import annotations
 
 import json
-import logging
-import os
-import pickle
 import shutil
 import sys
 import time
-import warnings
 from collections import Counter
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from ifvit.errors import BadConfig, JobFailed
 from ifvit.files import atomic_path, atomic_write_json, is_temporary
 from ifvit.lock import FolderLock
 from pipeline.encoders import DEFAULT_CLIP, DEFAULT_VAE
+from pipeline.executors import absolute_spec, choose_executor, run_local, run_ray
 from pipeline.manifest import FORMAT_VERSION, MANIFEST, NULL_TEXT, STAGING, TEXT_ENCODER_DIR, config_hash, load_manifest
 from pipeline.sources import Preprocess
-from pipeline.stages import EncodeShard, load_shard, write_shard
 
 RANDOM_TEXT_ENCODER = "random"  # --clip random: a seeded random CLIP text tower saved inside the set
 PAPER_COCO_SCALE = 0.23010  # U-ViT's latent scale for SD-VAE on MS-COCO 256 (1 / std of its latents)
@@ -55,6 +50,8 @@ class JobConfig:
     seed: int = 0  # the random text tower's initialisation and the latent-std sample
     # How to run; these do not change the output, so they are not part of the config hash.
     batch_size: int = 64
+    executor: str = "auto"  # "ray" | "local" | "auto": ray where it is installed, else local
+    workers: int | None = None  # the local executor's load/write processes (None: every core)
     ray_address: str | None = None
     strict: bool = False
 
@@ -82,74 +79,6 @@ def plan_shards(rows: list[dict], shard_size: int, limit: int | None) -> list[di
             plan.append({"name": f"{split}-{i // shard_size:06d}.tar", "split": split,
                          "rows": split_rows[i:i + shard_size]})
     return plan
-
-
-def absolute_spec(spec: str) -> str:
-    """Local paths in an encoder spec made absolute: Ray workers do not share the driver's working dir."""
-    if spec.startswith("local-dir:"):
-        return "local-dir:" + str(Path(spec[len("local-dir:"):]).resolve())
-    name, sep, rest = spec.rpartition(":")
-    for candidate, prefix in ((spec, ""), (rest, name + sep)):
-        if candidate and Path(candidate).exists():
-            return prefix + str(Path(candidate).resolve())
-    return spec
-
-
-@contextmanager
-def ray_session(address: str | None):
-    """Join `address` (a running cluster: the multi-node path) or start a private local Ray; reuse one
-    that is already initialised (tests)."""
-    import ray
-
-    if ray.is_initialized():
-        yield ray
-        return
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    # Errors still surface as exceptions; Ray's info/warning chatter would bury the progress bar.
-    quiet = dict(log_to_driver=False, logging_level=logging.ERROR)
-    if address:
-        ray.init(address=address, **quiet)
-    else:
-        ray.init(include_dashboard=False, **quiet)
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
-
-
-def run_ray(source, cfg: JobConfig, todo: list[dict], out: Path, text_spec: str) -> None:
-    with ray_session(cfg.ray_address) as ray:
-        ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = False  # ours below counts images; Ray's per-operator bars would interleave
-        ctx.print_on_execution_start = False
-        logging.getLogger("ray.data").setLevel(logging.ERROR)
-        resources = ray.cluster_resources()
-        gpus = int(resources.get("GPU", 0))
-        if gpus:
-            pool = dict(compute=ray.data.ActorPoolStrategy(size=gpus), num_gpus=1, num_cpus=1)
-        else:  # fractional CPUs: whole-CPU actors on a 2-core machine starve the load/write tasks (deadlock)
-            nodes = sum(1 for n in ray.nodes() if n["Alive"])
-            pool = dict(compute=ray.data.ActorPoolStrategy(size=nodes), num_cpus=0.5)
-        # No actor restarts. Ray Data passes an actor pool's constructor arguments through the object store
-        # and restarts its actors forever by default, a combination Ray's core cannot honour (a restart fails
-        # once those arguments are evicted; ray-project/ray#53727) and says so in an error-level console line.
-        # A crashed encoder then fails the job instead, and running the same command again resumes it.
-        # Ray 2.60 takes max_restarts only among the generic remote arguments, which it marks deprecated.
-        pool["max_restarts"] = 0
-        items = [{"shard": s["name"], "work": pickle.dumps(s)} for s in todo]
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
-            ds = (ray.data.from_items(items, override_num_blocks=len(items))
-                  .map(load_shard, fn_kwargs={"source": source, "preprocess": cfg.preprocess}, num_cpus=1)
-                  .map_batches(EncodeShard, batch_size=1, fn_constructor_kwargs={
-                      "image_spec": absolute_spec(cfg.image_encoder), "text_spec": text_spec,
-                      "batch_size": cfg.batch_size, "seed": cfg.seed}, **pool)
-                  .map(write_shard, fn_kwargs={"out": str(out)}, num_cpus=0.5))
-        images_in = {s["name"]: len(s["rows"]) for s in todo}
-        device = f"{gpus} GPU actor(s)" if gpus else "CPU actor"
-        with tqdm(total=sum(images_in.values()), unit="img", desc=f"encode ({device})", dynamic_ncols=True) as bar:
-            for row in ds.iter_rows():
-                bar.update(images_in[row["shard"]])
 
 
 def prepare_text_encoder(cfg: JobConfig, out: Path) -> tuple[str, str]:
@@ -209,7 +138,10 @@ def build_manifest(source, cfg: JobConfig, chash: str, plan: list[dict], sidecar
                           "latent_shape": latent_shape, "model_latent_shape": model_shape,
                           "latent_std": std, "latent_scale": scale, "latent_scale_source": why,
                           "preprocessing": cfg.preprocess.describe()},
-        "text_encoder": {**identities["text"], "spec": text_spec, "truncated_captions": len(truncated)},
+        # A tower saved inside the set is named relative to it (both fields), so a moved or copied set,
+        # and any two builds of the same set, record the same identity.
+        "text_encoder": {**identities["text"], "spec": text_spec, "truncated_captions": len(truncated),
+                         **({"model": text_spec} if text_spec == f"local-dir:{TEXT_ENCODER_DIR}" else {})},
         "null_text": NULL_TEXT,
         "counts": {"inputs": inputs, "records": sum(s["records"] for s in sidecars),
                    "captions": sum(s["captions"] for s in sidecars), "skipped": len(skipped),
@@ -223,11 +155,12 @@ def build_manifest(source, cfg: JobConfig, chash: str, plan: list[dict], sidecar
 def run(source, cfg: JobConfig) -> dict:
     """Build (or finish, or find up to date) the shard set `cfg.out`; return its manifest. The folder is
     locked for the whole job."""
+    executor = choose_executor(cfg.executor, cfg.ray_address)  # a wrong choice fails before any work
     with FolderLock(cfg.out, f"python -m pipeline {source.name} --out {cfg.out}"):
-        return _build(source, cfg)
+        return _build(source, cfg, executor)
 
 
-def _build(source, cfg: JobConfig) -> dict:
+def _build(source, cfg: JobConfig, executor: str) -> dict:
     start = time.time()
     out = Path(cfg.out)
     chash = config_hash(cfg.hashed(source))
@@ -266,16 +199,16 @@ def _build(source, cfg: JobConfig) -> dict:
     text_spec, manifest_text_spec = prepare_text_encoder(cfg, out)
     if done:
         print(f"resuming: {len(done)} of {len(plan)} shards already written, {len(todo)} to go")
-    ray_start = time.time()
+    encode_start = time.time()
     if todo:
-        run_ray(source, cfg, todo, out, text_spec)
-    encode_seconds = time.time() - ray_start
+        (run_ray if executor == "ray" else run_local)(source, cfg, todo, out, text_spec)
+    encode_seconds = time.time() - encode_start
 
     sidecars = [json.loads((staging / f"{s['name']}.json").read_text()) for s in plan]
     if not any(s["records"] for s in sidecars):
         raise JobFailed(f"every input was skipped; see the reasons in {staging}/*.json")
     manifest = build_manifest(source, cfg, chash, plan, sidecars, listing_skipped, manifest_text_spec, inputs)
-    manifest["timing"] = {"seconds": time.time() - start, "encode_seconds": encode_seconds,
+    manifest["timing"] = {"executor": executor, "seconds": time.time() - start, "encode_seconds": encode_seconds,
                           "images_encoded": sum(len(s["rows"]) for s in todo),
                           "images_per_s": sum(len(s["rows"]) for s in todo) / max(encode_seconds, 1e-9)}
     if cfg.strict and manifest["skipped"]:
@@ -307,7 +240,7 @@ def print_summary(manifest: dict) -> None:
         f"std {image['latent_std']:.4f}, scale {image['latent_scale']:.5f} ({image['latent_scale_source']})",
         f"  text       {text['spec']} -> [K, {text['text_len']}, {text['text_dim']}] float16",
         f"  config     {manifest['config_hash']}"
-        + (f"; {timing['images_encoded']:,} images encoded at {timing['images_per_s']:.1f} images/s" if timing
-           else ""),
+        + (f"; {timing['images_encoded']:,} images encoded at {timing['images_per_s']:.1f} images/s"
+           + (f" ({timing['executor']} executor)" if "executor" in timing else "") if timing else ""),
     ]
     print("\n".join(lines), file=sys.stdout, flush=True)

@@ -1,7 +1,9 @@
-"""What runs inside Ray: load a shard's images (CPU task), encode them (actor), write its tar (CPU task).
+"""The job's three stages: load a shard's images (CPU), encode them (the encoder), write its tar (CPU).
 
-Kept apart from the driver (pipeline/job.py) and free of torch at import time: Ray imports this module in
-every worker, and only the encoder actor needs torch, open_clip and diffusers. A shard travels between the
+Both executors (pipeline/executors.py) run exactly these: Ray as CPU tasks and an actor, the local one in a
+process pool and the driver's process. Kept apart from the driver (pipeline/job.py) and free of torch at
+import time: Ray imports this module in every worker, and only the encoder needs torch, open_clip and
+diffusers. A shard travels between the
 stages as one pickled dict because it is ragged (K captions per image, per-record json) and Arrow, Ray
 Data's block format, has no type for that.
 """

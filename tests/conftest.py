@@ -33,9 +33,15 @@ def ray_local():
 
 
 @pytest.fixture(scope="session")
-def shapes_shards(ray_local, tmp_path_factory):
-    """Path of a small finished shapes shard set (pixels 3x32x32, text [5, 77, 64] from a random tower)."""
+def shapes_shards(request, tmp_path_factory):
+    """Path of a small finished shapes shard set (pixels 3x32x32, text [5, 77, 64] from a random tower),
+    built by the default executor: the session's Ray where Ray is installed, else the local one (a bare
+    GPU machine runs the GPU tests without Ray)."""
+    from pipeline.executors import ray_installed
     from pipeline.job import JobConfig, run
+
+    if ray_installed():
+        request.getfixturevalue("ray_local")
     from pipeline.sources import Preprocess, ShapesSource
 
     out = tmp_path_factory.mktemp("shards") / "shapes"

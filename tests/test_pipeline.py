@@ -309,3 +309,14 @@ def test_preprocess_crops_the_center_square():
     assert out.shape == (50, 50, 3) and out[:, 2:-2].min() > 240
     assert to_rgb(Image.new("LA", (4, 4), (0, 0))).getpixel((0, 0)) == (255, 255, 255)
     assert Preprocess().resolution == 256
+
+
+def test_local_executor_writes_the_ray_jobs_bytes(coco_shards, coco_root, encoders, tmp_path):
+    """The same COCO job (VAE moments, CLIP states, val PNGs, skipped inputs) without Ray: byte-identical shard
+    files to the Ray job's killed-and-resumed build."""
+    from shard_sets import assert_same_shard_set
+
+    out = tmp_path / "coco256"  # the same folder name: the manifest records it
+    assert main(coco_args(coco_root, out, encoders, "--executor", "local", "--workers", "2")) == 0
+    assert ShardSet(out).manifest["timing"]["executor"] == "local"
+    assert_same_shard_set(out, coco_shards)

@@ -32,10 +32,31 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+ATTENTION_KERNEL_WORDS = ("flash", "fmha", "attention", "sdpa", "cudnn")
+
+
+def attention_kernels(step, device: torch.device, top: int = 5) -> list[dict]:
+    """The attention kernels one call of `step` ran on the GPU, by device time: proof of which SDPA backend
+    (flash, memory-efficient, cuDNN, math) the compiled or eager model actually selected."""
+    from torch.profiler import ProfilerActivity, profile
+
+    sync(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        sync(device)
+    rows = []
+    for event in prof.key_averages():
+        micros = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
+        if micros and any(word in event.key.lower() for word in ATTENTION_KERNEL_WORDS):
+            rows.append({"kernel": event.key[:120], "calls": event.count, "ms": round(micros / 1e3, 3)})
+    return sorted(rows, key=lambda r: -r["ms"])[:top]
+
+
 def bench_variant(name: str, *, batch: int, steps: int, warmup: int, device: torch.device, compile_model: bool,
                   autocast_dtype: torch.dtype | None, activation_checkpointing: bool = False,
-                  cfg=None) -> dict:
-    """Time `steps` training steps (after `warmup` untimed ones, which include compilation)."""
+                  cfg=None, profile_attention: bool = False) -> dict:
+    """Time `steps` training steps (after `warmup` untimed ones, which include compilation). With
+    `profile_attention` on a GPU, one more step is profiled for the attention kernels it ran."""
     cfg = cfg or VARIANTS[name]
     torch.manual_seed(0)
     model = UViT(cfg).to(device)
@@ -58,9 +79,11 @@ def bench_variant(name: str, *, batch: int, steps: int, warmup: int, device: tor
         update_ema(ema_params, params, 0.9999)
         return loss
 
+    warmup_start = time.perf_counter()
     for _ in range(warmup):
         step()
     sync(device)
+    warmup_seconds = time.perf_counter() - warmup_start
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
@@ -68,6 +91,12 @@ def bench_variant(name: str, *, batch: int, steps: int, warmup: int, device: tor
         loss = step()
     loss = loss.item()  # waits for the last step
     seconds = time.perf_counter() - start
+    kernels = None
+    if profile_attention and device.type == "cuda":
+        try:
+            kernels = attention_kernels(step, device)
+        except Exception as e:  # noqa: BLE001 - a profiler that cannot attach must not cost the timing
+            kernels = [{"kernel": f"not profiled ({type(e).__name__}: {e})"[:120], "calls": 0, "ms": 0}]
 
     steps_per_s = steps / seconds
     flops_per_s = 3 * true_flops(cfg) * batch * steps_per_s
@@ -79,6 +108,8 @@ def bench_variant(name: str, *, batch: int, steps: int, warmup: int, device: tor
         "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
         "tflops": flops_per_s / 1e12, "mfu": flops_per_s / peak if peak else None,
         "paper_4090_its": paper[2], "loss": loss,
+        "warmup_s": warmup_seconds,  # the untimed steps, compilation included
+        **({"attention_kernels": kernels} if kernels is not None else {}),
     }
     del model, ema, optimizer
     if device.type == "cuda":
