@@ -4,15 +4,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from evaluate.fid import CACHE_DIR
-
 # What may differ between two builds of the same set: when it was built and how long it took.
 BUILD_ONLY = ("created", "timing")
 
 
 def built_files(root: Path) -> list[Path]:
-    """The set's files as the pipeline wrote them: not the caches evaluation adds later (FID statistics)."""
-    return sorted(p.relative_to(root) for p in root.rglob("*") if p.is_file() and CACHE_DIR not in p.parts)
+    """The set's files (evaluation writes nothing into a shard set: its FID cache is elsewhere)."""
+    return sorted(p.relative_to(root) for p in root.rglob("*") if p.is_file())
 
 
 def assert_same_shard_set(a: Path, b: Path) -> None:

@@ -284,6 +284,9 @@ def train(variant: str, shards: str | Path, out: str | Path, *, preset: str | No
                        peak_flops=peak_flops(dist.device), label=label)
         previews = Previews(state.run, shard_set, cfg, dist, state.autocast_dtype, label, log.say)
         log.say(state.describe(label, flops))
+        if start >= cfg.steps:
+            log.say(f"{label}: the run is already at step {start} of {cfg.steps}: nothing to do "
+                    "(--steps N trains it further)")
 
         last_saved, stopped, step = None, "finished", start
         try:
