@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from benchmarks.campaign import INJECT, Recorder, Stage, StageContext, run_stage
 from benchmarks.report import campaign_markdown
 from train.model import ABLATIONS, VARIANTS
@@ -20,6 +22,7 @@ def campaign(out: Path, *args, env=None) -> tuple[int, dict, str]:
     return done.returncode, summary, done.stdout + done.stderr
 
 
+@pytest.mark.slow
 def test_the_smoke_campaign_runs_every_stage(tmp_path):
     out = tmp_path / "out"
     code, summary, output = campaign(out, "--smoke")
@@ -48,6 +51,7 @@ def test_the_smoke_campaign_runs_every_stage(tmp_path):
     assert "FID-30K" in markdown and "count match" in markdown
 
 
+@pytest.mark.slow
 def test_a_crashed_or_hung_stage_ends_alone_and_keeps_what_it_recorded(tmp_path):
     """Isolated stages: one killed by a signal, one stopped at its time limit; the campaign goes on."""
     out = tmp_path / "out"

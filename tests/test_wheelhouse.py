@@ -35,6 +35,7 @@ def test_pins_are_the_projects():
     assert set(wheelhouse.IMPORTS) == set(wheelhouse.WHEELS)
 
 
+@pytest.mark.slow
 def test_the_wheelhouse_installs_offline_and_every_package_imports_from_it(wheels, tmp_path):
     paths = wheelhouse.wheels(wheels)
     assert len(paths) == len(wheelhouse.WHEELS) == len(list(wheels.glob("*.whl")))

@@ -59,8 +59,8 @@ class RunDir:
     def create(cls, path: str | os.PathLike, config: dict, *, shards: str | os.PathLike | None = None) -> "RunDir":
         """Write config.json of a run (new, or resumed with changed options) and return the run. `config`
         needs "model" (ModelConfig fields); "variant" is derived from it; `shards` is recorded absolute."""
-        config = dict(config)
-        config["variant"] = variant_name(ModelConfig(**config["model"]))
+        config = {"variant": variant_name(ModelConfig(**config["model"])),
+                  **{k: v for k, v in config.items() if k != "variant"}}
         config["shards"] = _record_path(shards) if shards is not None else config.get("shards")
         run = cls(path, config)
         run.path.mkdir(parents=True, exist_ok=True)
