@@ -141,7 +141,8 @@ def analyse_run(run_dir: str | Path, *, num_prompts: int = 8, steps: int = 50, s
         context = torch.from_numpy(np.stack([p.text for p in chunk])).float().to(device)
         stats.batch = len(chunk)
         sample(model, context, null, steps=steps, scale=scale, seeds=[p.seed for p in chunk],
-               latent_shape=(cfg.in_chans, cfg.img_size, cfg.img_size), attention_callback=stats, solver=solver)
+               latent_shape=(cfg.in_chans, cfg.img_size, cfg.img_size), attention_callback=stats, solver=solver,
+               **run.sampling())
 
     blocks = stats.summary()
     return {

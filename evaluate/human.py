@@ -153,13 +153,13 @@ def generate(run_dir: str, label: str, out: Path, count_items: list[dict], group
     jobs = [(item["file"], item["prompt"], item["seed"]) for item in count_items if item["run"] == label]
     jobs += [(group["files"][group["order"].index(label)], group["caption"], group["seed"]) for group in groups]
     jobs = [job for job in jobs if not (out / job[0]).exists()]
-    cfg = model.cfg
+    cfg, sampling = model.cfg, run.sampling()
     for start in tqdm(range(0, len(jobs), batch_size), desc=f"human set {label}", unit="batch"):
         chunk = jobs[start:start + batch_size]
         with torch.no_grad():  # the encoder is a plain module: no autograd graph for prompts
             context = text_encoder([caption for _, caption, _ in chunk]).to(device)
         latents = sample(model, context, null, steps=steps, scale=scale, seeds=[seed for *_, seed in chunk],
-                         latent_shape=(cfg.in_chans, cfg.img_size, cfg.img_size), solver=solver)
+                         latent_shape=(cfg.in_chans, cfg.img_size, cfg.img_size), solver=solver, **sampling)
         for (file, *_), image in zip(chunk, codec.decode(latents).cpu()):
             save_png(image, out / file)
 

@@ -156,8 +156,9 @@ class Scorers:
 # ----------------------------------------------------------------------------------------- one setting
 
 def generate(model, codec, null_text: torch.Tensor, prompts: list[Prompt], folder: SampleFolder,
-             cfg: EvalConfig, scale: float, dist: Dist, desc: str) -> dict:
-    """Sample this rank's share of `prompts` that the folder does not hold yet; returns timing."""
+             cfg: EvalConfig, scale: float, dist: Dist, desc: str, sampling: dict | None = None) -> dict:
+    """Sample this rank's share of `prompts` that the folder does not hold yet; returns timing. `sampling`:
+    the run's prediction target and normalisation (RunDir.sampling())."""
     if dist.master:
         folder.prepare()
     dist.barrier()
@@ -177,7 +178,7 @@ def generate(model, codec, null_text: torch.Tensor, prompts: list[Prompt], folde
             context = torch.from_numpy(np.stack([p.text for p in padded])).to(device).float()
             t0 = time.perf_counter()
             latents = sample(model, context, null_text, steps=cfg.steps, scale=scale,
-                             seeds=[p.seed for p in padded], solver=cfg.solver)
+                             seeds=[p.seed for p in padded], solver=cfg.solver, **(sampling or {}))
             images = codec.decode(latents)[:len(batch)].cpu()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
@@ -305,6 +306,7 @@ def _evaluate(run: RunDir, cfg: EvalConfig, dist: Dist) -> dict | None:
                 "shard_set": set_key}
 
     results, timing, main_model = {}, None, None
+    sampling = run.sampling()
     for step in steps:
         model = run.load_model(step, ema=True, device=device)
         if cfg.compile and device.type == "cuda":
@@ -315,7 +317,7 @@ def _evaluate(run: RunDir, cfg: EvalConfig, dist: Dist) -> dict | None:
             where = eval_dir if main else eval_dir / "sweep" / f"step_{step:08d}-scale_{scale:g}"
             folder = SampleFolder(where / "samples", folder_params(step, scale, cfg.split), dist.rank)
             t = generate(model, codec, null_text, prompts, folder, cfg, scale, dist,
-                         desc=f"sampling step {step} scale {scale:g} ({cfg.split})")
+                         desc=f"sampling step {step} scale {scale:g} ({cfg.split})", sampling=sampling)
             results[(step, scale)] = score(folder, len(prompts), scorers, dist, shard_set.is_shapes)
             if main:
                 timing, main_model = t, model
@@ -324,7 +326,7 @@ def _evaluate(run: RunDir, cfg: EvalConfig, dist: Dist) -> dict | None:
                 folder = SampleFolder(eval_dir / f"samples_{split}", folder_params(step, cfg.scale, split),
                                       dist.rank)
                 generate(model, codec, null_text, split_prompts, folder, cfg, cfg.scale, dist,
-                         desc=f"sampling step {step} scale {cfg.scale:g} ({split})")
+                         desc=f"sampling step {step} scale {cfg.scale:g} ({split})", sampling=sampling)
                 results[(step, cfg.scale, split)] = score(folder, len(split_prompts), None, dist, True)
 
     if not dist.master:

@@ -66,7 +66,7 @@ def main(argv: list[str]) -> int:
         for prompt in args.prompt:
             context = encoder([prompt]).to(device).expand(args.num, -1, -1)
             images = codec.decode(sample(model, context, null_text, steps=args.steps, scale=args.scale,
-                                         seeds=seeds, solver=args.solver)).cpu()
+                                         seeds=seeds, solver=args.solver, **run.sampling())).cpu()
             paths = [out / f"{slug(prompt)}_seed{s}.png" for s in seeds]
             for image, path in zip(images, paths):
                 save_png(image, path)

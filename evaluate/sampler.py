@@ -34,7 +34,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from train.diffusion import NUM_TRAIN_TIMESTEPS, SCHEDULER_KWARGS, alphas_cumprod, guided_eps
+from train.diffusion import NUM_TRAIN_TIMESTEPS, SCHEDULER_KWARGS, alphas_cumprod, eps_from_prediction, guided_eps
 
 SOLVERS = ("uvit", "dpmpp2m")
 DEFAULT_SOLVER = "uvit"
@@ -77,19 +77,6 @@ class ContinuousSchedule:
     def lam(self, t: float) -> float:
         alpha, sigma = self.alpha_sigma(t)
         return math.log(alpha) - math.log(sigma)
-
-
-def eps_from_prediction(output: torch.Tensor, x: torch.Tensor, alpha: float, sigma: float,
-                        prediction: str = "epsilon") -> torch.Tensor:
-    """The model's output as a noise prediction, for x = alpha x0 + sigma eps (alpha^2 + sigma^2 = 1).
-
-    "epsilon": the output is eps. "v" (v = alpha eps - sigma x0): eps = sigma x + alpha v.
-    """
-    if prediction == "epsilon":
-        return output
-    if prediction == "v":
-        return sigma * x + alpha * output
-    raise ValueError(f"unknown prediction target {prediction!r}: expected 'epsilon' or 'v'")
 
 
 # ----------------------------------------------------------------------------------------- the uvit solver
@@ -203,13 +190,16 @@ def check_solver(solver: str) -> str:
 def sample(model, context: torch.Tensor, null_context: torch.Tensor, *, steps: int = 50, scale: float = 1.0,
            seed: int = 0, seeds: Sequence[int] | None = None, latent_shape: Sequence[int] | None = None,
            attention_callback: AttentionCallback | None = None, solver: str = DEFAULT_SOLVER,
-           prediction: str = "epsilon") -> torch.Tensor:
-    """Model-space latents [B, C, S, S] (float32) for the text encodings `context` [B, T, D].
+           prediction: str = "epsilon", normalization=None) -> torch.Tensor:
+    """Model-space latents [B, C, S, S] (float32, what the codec decodes) for the text encodings `context`
+    [B, T, D] as the shard set's encoder gives them.
 
     `null_context` [T, D] is the encoding of "". Image i starts from the noise of `seeds[i]`
     (default `seed + i`). `model` is any model(x_t, t, context) with the UViT signature, whose output is the
-    `prediction` target ("epsilon" or "v"); EMA weights in eval mode are the caller's choice
-    (`train.checkpoint.load_run` gives them). `solver`: "uvit" (default) or "dpmpp2m", see the module doc.
+    `prediction` target ("epsilon" or "v"); `normalization` (train.normalization.Normalization, None: the
+    identity) maps text states in and the samples out. `run.sampling()` gives both for a run directory. EMA
+    weights in eval mode are the caller's choice (`train.checkpoint.load_run` gives them). `solver`: "uvit"
+    (default) or "dpmpp2m", see the module doc.
     """
     check_solver(solver)
     device = context.device
@@ -222,8 +212,9 @@ def sample(model, context: torch.Tensor, null_context: torch.Tensor, *, steps: i
         latent_shape = (cfg.in_chans, cfg.img_size, cfg.img_size)
 
     schedule = ContinuousSchedule()
+    text_in = normalization.text_in if normalization is not None else (lambda c: c)
     # Conditional first, unconditional second: the attention callback keeps the first half.
-    both_contexts = torch.cat([context, null_context.to(context).expand(B, -1, -1)])
+    both_contexts = text_in(torch.cat([context, null_context.to(context).expand(B, -1, -1)]))
     record = attention_callback is not None
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     # diffusers' grid is integer (kept as long, as before); U-ViT's is fractional.
@@ -245,6 +236,5 @@ def sample(model, context: torch.Tensor, null_context: torch.Tensor, *, steps: i
         return guided_eps(eps_cond, eps_uncond, scale)
 
     x = initial_noise(seeds, latent_shape).to(device)
-    if solver == "uvit":
-        return solve_uvit(guided, x, steps, schedule)
-    return solve_dpmpp2m(guided, x, steps)
+    x = solve_uvit(guided, x, steps, schedule) if solver == "uvit" else solve_dpmpp2m(guided, x, steps)
+    return normalization.image_out(x) if normalization is not None else x

@@ -1,4 +1,4 @@
-"""python -m pipeline shapes|coco|table|verify|bench ...  (docs/pipeline.md)"""
+"""python -m pipeline shapes|coco|table|stats|verify|bench ...  (docs/pipeline.md)"""
 from __future__ import annotations
 
 import argparse
@@ -7,9 +7,11 @@ from pathlib import Path
 
 from ifvit.cli import ArgumentParser, entry_point
 from ifvit.errors import MissingPath
+from ifvit.lock import FolderLock
 from pipeline.encoders import DEFAULT_CLIP, DEFAULT_VAE
 from pipeline.executors import EXECUTORS
 from pipeline.job import RANDOM_TEXT_ENCODER, JobConfig, run
+from pipeline.shapes import WORLDS
 from pipeline.sources import CocoSource, Preprocess, ShapesSource, TableSource
 
 
@@ -62,6 +64,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--holdout-images", type=int, default=ShapesSource.holdout_images)
     p.add_argument("--seed", type=int, default=0, help="scene generator and text tower seed")
     p.add_argument("--clip", default=RANDOM_TEXT_ENCODER, help="text encoder spec (default: a random tower)")
+    p.add_argument("--world", default="full", choices=sorted(WORLDS),
+                   help="the generator's world (docs/shapes.md): full, or demo (3 colours, one group of 1-3 large objects)")
 
     p = sub.add_parser("coco", help="MS-COCO captions 2014/2017 -> SD-VAE moments + CLIP text states")
     add_job_options(p, "shards/coco256", 256)
@@ -77,6 +81,9 @@ def main(argv: list[str]) -> int:
                    help="caption column; repeat for several; a column may hold a list (default: caption*, text)")
     p.add_argument("--id-column", help="id column (default: id if present); duplicate ids are skipped")
     p.add_argument("--val-fraction", type=float, default=0.02, help="share of images for val without a split column")
+
+    p = sub.add_parser("stats", help="compute a finished set's data statistics (statistics.npz; nothing re-encoded)")
+    p.add_argument("path")
 
     p = sub.add_parser("verify", help="check a shard set's checksums, counts and readability (exit 1 on a fault)")
     p.add_argument("path")
@@ -94,6 +101,18 @@ def main(argv: list[str]) -> int:
         if not Path(args.path).is_dir():
             raise MissingPath(f"no folder {args.path}: pass the shard set to check (e.g. shards/shapes)")
         return 0 if verify(args.path) else 1
+    if args.command == "stats":
+        from pipeline.reader import ShardSet
+        from pipeline.statistics import compute_statistics, write_statistics
+
+        if not Path(args.path).is_dir():
+            raise MissingPath(f"no folder {args.path}: pass the shard set (e.g. shards/shapes)")
+        shard_set = ShardSet(args.path)
+        with FolderLock(args.path, f"python -m pipeline stats {args.path}"):
+            summary = write_statistics(args.path, compute_statistics(shard_set))
+        print(f"{args.path}: statistics of {summary['records']} train records -> {summary['file']}; image mean "
+              f"{summary['image_mean']}, std {summary['image_std']}; text std {summary['text_std_range']}")
+        return 0
     if args.command == "bench":
         from pipeline.bench import main as bench_main
 
@@ -105,7 +124,8 @@ def main(argv: list[str]) -> int:
         return 0
 
     if args.command == "shapes":
-        source = ShapesSource(args.train_images, args.val_images, args.holdout_images, args.seed, args.resolution)
+        source = ShapesSource(args.train_images, args.val_images, args.holdout_images, args.seed, args.resolution,
+                             args.world)
         cfg = job_config(args, "pixels", args.clip, seed=args.seed)
     elif args.command == "coco":
         source = CocoSource(args.coco_root, args.year)

@@ -217,6 +217,10 @@ def _build(source, cfg: JobConfig, executor: str) -> dict:
                               f"are staged in {out}: fix the inputs, or run again without --strict to finish")
     atomic_write_json(out / MANIFEST, manifest)  # last: its presence means the set is complete
     shutil.rmtree(staging)
+    from pipeline.reader import ShardSet
+    from pipeline.statistics import compute_statistics, write_statistics
+
+    manifest["statistics"] = write_statistics(out, compute_statistics(ShardSet(out)))  # derived: not hashed
     print_summary(manifest)
     return manifest
 

@@ -20,6 +20,7 @@ Torch-free: numpy and Pillow only. Contract: docs/CONTRACTS.md §1; user docs: d
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
@@ -63,6 +64,32 @@ VAL_EVERY = 10  # a scene goes to `val` iff its content hash % 10 == 0: no scene
 
 NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five"}
 PREFIXES = ("", "a picture of ", "an image of ", "there {be} ")
+
+
+@dataclass(frozen=True)
+class World:
+    """What the generator may draw. `full` is the data set; easier worlds (the CPU demo's) draw from a subset
+    with the same grammar, rendering and judge, so every caption parses and every score means the same."""
+    colors: tuple[str, ...] = tuple(COLORS)
+    kinds: tuple[str, ...] = KINDS
+    kind_weights: tuple[float, ...] = KIND_WEIGHTS
+    max_objects: int = MAX_OBJECTS
+    sizes: tuple[int, ...] = SIZES
+
+
+WORLDS: dict[str, World] = {
+    "full": World(),
+    # Three colours, one group of 1-3 objects, large (22-26 of 64 units): what a CPU run of minutes can learn
+    # (docs/shapes.md, "Worlds"). None of its colour-shape pairs is held out, so it has no holdout split.
+    "demo": World(colors=("red", "green", "blue"), kinds=("one_group",), kind_weights=(1.0,), max_objects=3,
+                  sizes=(22, 24, 26)),
+}
+
+
+def get_world(name: str) -> World:
+    if name not in WORLDS:
+        raise ValueError(f"unknown shapes world {name!r}: choose one of {', '.join(WORLDS)}")
+    return WORLDS[name]
 
 
 @dataclass
@@ -114,6 +141,7 @@ def _relation_holds(name: str, subject, obj) -> bool:
     return along >= (subject[2] + obj[2]) / 2 + GAP and abs(across) * 2 <= along
 
 
+@functools.lru_cache(maxsize=None)
 def _centres(size: int) -> tuple[np.ndarray, np.ndarray]:
     # Box edges on even units = pixel boundaries at 32 and 64 px: squares come out exact.
     grid = BORDER + size // 2 + 2 * np.arange((UNITS - 2 * BORDER - size) // 2 + 1)
@@ -121,15 +149,12 @@ def _centres(size: int) -> tuple[np.ndarray, np.ndarray]:
     return cx.ravel(), cy.ravel()
 
 
-_CENTRES = {size: _centres(size) for size in SIZES}
-
-
-def _place(stream: _Stream, n: int) -> list[tuple[int, int, int]] | None:
+def _place(stream: _Stream, n: int, sizes: tuple[int, ...] = SIZES) -> list[tuple[int, int, int]] | None:
     """n boxes (cx, cy, size) in units, each drawn uniformly among the grid positions still free."""
     boxes = []
     for _ in range(n):
-        size = stream.choice(SIZES)
-        cx, cy = _CENTRES[size]
+        size = stream.choice(sizes)
+        cx, cy = _centres(size)
         free = np.ones(cx.shape, bool)
         for bx, by, bsize in boxes:  # at least GAP between boxes along x or y (doubled: integers only)
             reach = bsize + size + 2 * GAP
@@ -142,18 +167,20 @@ def _place(stream: _Stream, n: int) -> list[tuple[int, int, int]] | None:
     return boxes
 
 
-def _sample_scene(stream: _Stream, pairs: list[tuple[str, str]]) -> dict | None:
-    kind = stream.weighted(KINDS, KIND_WEIGHTS)
+def _sample_scene(stream: _Stream, pairs: list[tuple[str, str]], world: World = WORLDS["full"]) -> dict | None:
+    # The full world keeps the original draw sequence exactly (byte-identical sets across versions).
+    kind = stream.weighted(world.kinds, world.kind_weights) if len(world.kinds) > 1 else world.kinds[0]
+    most = world.max_objects
     if kind == "one_group":
-        counts = [stream.between(1, MAX_OBJECTS)]
+        counts = [stream.between(1, most)]
     elif kind == "two_groups":
-        first = stream.between(1, MAX_OBJECTS - 1)
-        counts = [first, stream.between(1, MAX_OBJECTS - first)]
+        first = stream.between(1, most - 1)
+        counts = [first, stream.between(1, most - first)]
     else:
         counts = [1, 1]
     chosen = stream.sample(pairs, len(counts))
     groups = [{"count": c, "color": color, "shape": shape} for c, (color, shape) in zip(counts, chosen)]
-    boxes = _place(stream, sum(counts))
+    boxes = _place(stream, sum(counts), world.sizes)
     if boxes is None:
         return None
     relation = None
@@ -177,16 +204,23 @@ def _bucket(scene: dict) -> int:
     return int.from_bytes(hashlib.sha256(json.dumps(content).encode()).digest()[:4], "big") % VAL_EVERY
 
 
-def _make_scene(split: str, index: int, seed: int) -> dict:
+def _make_scene(split: str, index: int, seed: int, world: str = "full") -> dict:
     if split not in SPLITS:
         raise ValueError(f"unknown shapes split {split!r}: use one of {SPLITS}")
-    allowed = [(c, s) for c in COLORS for s in SHAPES if (c, s) not in HELD_OUT]
-    pairs = allowed if split != "holdout" else [(c, s) for c in COLORS for s in SHAPES]
-    stream = _Stream("shapes", seed, split, index)
+    w = get_world(world)
+    everything = [(c, s) for c in w.colors for s in SHAPES]
+    held_out = [pair for pair in everything if pair in HELD_OUT]
+    allowed = [pair for pair in everything if pair not in HELD_OUT]
+    pairs = allowed if split != "holdout" else everything
+    # The stream's name keeps the full world's scenes as they always were; other worlds get their own.
+    stream = _Stream("shapes", seed, split, index) if world == "full" else _Stream("shapes", world, seed, split, index)
     while True:  # rejection sampling: a handful of draws for train, ~10 for val, ~4 for holdout
-        scene = _sample_scene(stream, pairs)
+        scene = _sample_scene(stream, pairs, w)
         if scene is None:
             continue
+        if split == "holdout" and not held_out:
+            raise ValueError(f"the {world} world holds out no colour-shape pair: it has no holdout split "
+                             "(build it with --holdout-images 0)")
         if split == "holdout":
             if any((g["color"], g["shape"]) in HELD_OUT for g in scene["groups"]):
                 return scene
@@ -310,14 +344,15 @@ def key_for(split: str, index: int) -> str:
     return f"shapes-{split}-{index:08d}"
 
 
-def make_example(split: str, index: int, seed: int = 0, resolution: int = 32) -> ShapesExample:
-    """Example `index` of `split`: depends on (split, index, seed) only, so any prefix or slice is stable."""
-    scene = _make_scene(split, index, seed)
+def make_example(split: str, index: int, seed: int = 0, resolution: int = 32, world: str = "full") -> ShapesExample:
+    """Example `index` of `split`: depends on (split, index, seed, world) only, so any prefix or slice is stable."""
+    scene = _make_scene(split, index, seed, world)
     captions = _pick_captions(_Stream("captions", seed, split, index), scene)
     return ShapesExample(key_for(split, index), render(scene, resolution), captions, scene)
 
 
-def generate(split: str, n: int, seed: int = 0, resolution: int = 32, start: int = 0) -> Iterator[ShapesExample]:
+def generate(split: str, n: int, seed: int = 0, resolution: int = 32, start: int = 0,
+             world: str = "full") -> Iterator[ShapesExample]:
     """Examples start..start+n-1 of `split` ("train", "val" or "holdout"), deterministic per index."""
     for index in range(start, start + n):
-        yield make_example(split, index, seed, resolution)
+        yield make_example(split, index, seed, resolution, world)

@@ -185,10 +185,12 @@ class ShapesSource:
     holdout_images: int = 500
     seed: int = 0
     resolution: int = 32
+    world: str = "full"
     name = "shapes"
 
     def options(self) -> dict:
-        return {"kind": self.name, **asdict(self)}
+        # The full world is left out, so sets built before worlds existed keep their config hash.
+        return {"kind": self.name, **{k: v for k, v in asdict(self).items() if (k, v) != ("world", "full")}}
 
     def rows(self) -> tuple[list[dict], list[dict]]:
         from pipeline import shapes
@@ -200,7 +202,7 @@ class ShapesSource:
     def load(self, row: dict):
         from pipeline import shapes
 
-        example = shapes.make_example(row["split"], row["id"], self.seed, self.resolution)
+        example = shapes.make_example(row["split"], row["id"], self.seed, self.resolution, self.world)
         return example.image, example.captions, {"scene": example.scene}
 
 

@@ -67,6 +67,9 @@ def verify(path: str | Path) -> bool:
         folder = path / text["spec"][len("local-dir:"):]
         if not (folder / "open_clip_config.json").is_file() or not (folder / "open_clip_pytorch_model.bin").is_file():
             faults.append(f"the saved text tower in {folder} is incomplete")
+    stats = manifest.get("statistics")
+    if stats and (not (path / stats["file"]).is_file() or sha256_file(path / stats["file"]) != stats["sha256"]):
+        faults.append(f"{stats['file']}: missing or differs from the manifest (recompute: python -m pipeline stats {path})")
 
     seen, totals = set(), {}
     for name, info in tqdm(manifest["shards"].items(), desc="verify", unit="shard"):

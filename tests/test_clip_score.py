@@ -56,7 +56,8 @@ def test_scored_against_the_prompt_stored_beside_each_sample(tmp_path, scorer):
     folder.add(ims, prompts, list(range(len(PROMPTS))))
     folder.finish()
     expected = clip_scores(scorer.cosines(ims, PROMPTS))
-    assert score_samples(scorer, folder.path, batch_size=4) == pytest.approx(expected)
+    # batches of 4 and of all images round differently (seen: 1.7e-6 apart on cos100)
+    assert score_samples(scorer, folder.path, batch_size=4) == pytest.approx(expected, rel=1e-6, abs=1e-5)
 
     # Rewrite the stored prompts (reversed): the score must follow the index, not anything else.
     index = folder.path / "index.jsonl"
@@ -65,7 +66,7 @@ def test_scored_against_the_prompt_stored_beside_each_sample(tmp_path, scorer):
         entry["prompt"] = prompt
     index.write_text("".join(json.dumps(e) + "\n" for e in entries))
     rescored = score_samples(scorer, folder.path, batch_size=4)
-    assert rescored == pytest.approx(clip_scores(scorer.cosines(ims, PROMPTS[::-1])))
+    assert rescored == pytest.approx(clip_scores(scorer.cosines(ims, PROMPTS[::-1])), rel=1e-6, abs=1e-5)
     assert rescored["cos100"] != pytest.approx(expected["cos100"])
 
 

@@ -5,9 +5,8 @@ import math
 import pytest
 import torch
 
-from evaluate.sampler import (SOLVERS, ContinuousSchedule, eps_from_prediction, initial_noise, sample, uvit_grid,
-                              uvit_orders)
-from train.diffusion import alphas_cumprod, guidance_scale_equivalent, guided_eps
+from evaluate.sampler import SOLVERS, ContinuousSchedule, initial_noise, sample, uvit_grid, uvit_orders
+from train.diffusion import alphas_cumprod, eps_from_prediction, guidance_scale_equivalent, guided_eps
 from train.model import ModelConfig, UViT
 
 ABAR = alphas_cumprod()  # float64, the trainer's schedule

@@ -179,7 +179,9 @@ class VAEShardSetStub:
     text_len, text_dim, splits = 77, 32, ["train", "val"]
 
     def __init__(self, path):
-        pass
+        self.path, self.manifest = Path(path), {"config_hash": "vae-stub"}
+        self.path.mkdir(exist_ok=True)
+        (self.path / "manifest.json").write_text(json.dumps(self.manifest))
 
     def null_text(self):
         return torch.zeros(77, 32)
@@ -192,7 +194,8 @@ class VAEShardSetStub:
 
     def records(self, split):
         for i in range(4):
-            yield {"json": {"captions": [f"caption {i}"]}, "text": torch.randn(5, 77, 32).numpy()}
+            yield {"json": {"captions": [f"caption {i}"]}, "text": torch.randn(5, 77, 32).numpy(),
+                   "latent": torch.randn(8, 8, 8).half().numpy()}
 
     def image_codec(self, device):
         raise OSError("no VAE at stabilityai/sd-vae-ft-ema")
@@ -200,7 +203,7 @@ class VAEShardSetStub:
 
 def test_vae_shard_set_trains_and_skips_previews_it_cannot_decode(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr("pipeline.reader.ShardSet", VAEShardSetStub)
-    result = train("if_xattn", "stub", tmp_path / "vae", overrides=dict(SMALL, patch_size=2, steps=4, ckpt_every=4,
+    result = train("if_xattn", tmp_path / "stub", tmp_path / "vae", overrides=dict(SMALL, patch_size=2, steps=4, ckpt_every=4,
                                                                          preview_every=2, num_workers=0))
     assert result.stopped == "finished" and json.loads((tmp_path / "vae" / "config.json").read_text())["train"][
         "preset"] == "coco"  # chosen from the shard set: VAE latents mean the paper's recipe

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as torch_dist
 
 from ifvit.errors import JobFailed
+from train.diagnostic import table as diagnostic_table, worse_than_baseline
 from train.preview import ddim_sample, grid_figure, pixels_to_uint8, save_figure
 
 
@@ -58,6 +59,7 @@ class TrainLog:
         self.flops_per_sample, self.peak = flops_per_sample, peak_flops
         self.history: list[dict] = []  # per log step: step, loss (all ranks), loss_local
         self.first_loss = None
+        self.last_diagnostic: tuple[int, dict] | None = None
         self.writer = None
         if dist.master:
             from torch.utils.tensorboard import SummaryWriter
@@ -82,9 +84,10 @@ class TrainLog:
         self.window_steps += 1
         self.bar.update()
 
-    def flush(self, step: int, stop_requested: bool) -> bool:
+    def flush(self, step: int, stop_requested: bool, diagnostic: dict | None = None) -> bool:
         """The sync point of a log step: one all-reduce carries the loss sum, the step count and the stop
-        requests of every rank. Stops the run on a non-finite loss; returns whether any rank asked to stop."""
+        requests of every rank. Stops the run on a non-finite loss; returns whether any rank asked to stop.
+        `diagnostic` (rank 0, at preview steps): train.diagnostic's per-bucket lists, logged in the same row."""
         local = self.window_loss / self.window_steps
         stats = torch.stack([self.window_loss, local.new_tensor(float(self.window_steps)),
                              local.new_tensor(float(stop_requested))])
@@ -106,7 +109,7 @@ class TrainLog:
                   "samples_per_s": samples_per_s,
                   "mfu": (self.flops_per_sample * samples_per_s / (self.peak * self.dist.world)
                           if self.peak else None),
-                  "elapsed_s": time.perf_counter() - self.run_start}
+                  "elapsed_s": time.perf_counter() - self.run_start, **(diagnostic or {})}
         self.history.append({"step": step, "loss": loss_mean, "loss_local": local_loss})
         self.first_loss = loss_mean if self.first_loss is None else self.first_loss
         if self.dist.master:
@@ -114,11 +117,24 @@ class TrainLog:
             for key in ("loss", "lr", "steps_per_s", "samples_per_s", "mfu"):
                 if record[key] is not None:
                     self.writer.add_scalar(f"train/{key}", record[key], step)
+            if diagnostic:
+                self._diagnostic(step, diagnostic)
             self.bar.set_postfix_str(f"loss {loss_mean:.4f} | {steps_per_s:.2f} steps/s | {samples_per_s:.0f} "
                                      "samples/s" + (f" | MFU {record['mfu']:.1%}" if record["mfu"] is not None
                                                     else ""))
         self._reset()
         return bool(stops)
+
+    def _diagnostic(self, step: int, diag: dict) -> None:
+        for key, values in diag.items():
+            self.writer.add_scalars(f"diagnostic/{key}", {f"t{lo:03d}": v for lo, v in
+                                                          zip(range(0, 1000, 100), values)}, step)
+        self.last_diagnostic = (step, diag)
+        worse = worse_than_baseline(diag)
+        if worse and step > self.cfg.warmup_steps:
+            self.say(f"warning: at step {step} the model's x0 error is worse than predicting the mean image for t in "
+                     + ", ".join(f"[{b * 100}, {b * 100 + 100})" for b in worse)
+                     + ": samples will not follow their captions there (docs/training.md, \"The diagnostic\")")
 
     def close(self) -> None:
         self.bar.close()
@@ -137,7 +153,9 @@ class TrainLog:
                  f"  checkpoint {checkpoint}\n"
                  f"  metrics   {run.metrics_path}   (tensorboard --logdir {run.tb_dir})\n"
                  + (f"  previews  {run.previews_dir}/ (newest: step_{last_preview:08d}.png)\n" if last_preview
-                    else ""))
+                    else "")
+                 + (f"  diagnostic at step {self.last_diagnostic[0]} (x0 MSE by t bucket; below the mean image is "
+                    f"better):\n{diagnostic_table(self.last_diagnostic[1])}\n" if self.last_diagnostic else ""))
 
 
 class Previews:
@@ -146,8 +164,9 @@ class Previews:
     A preview that cannot be decoded (a VAE shard set whose VAE is unreachable) must not end a long run:
     the first failure is reported and previews stop."""
 
-    def __init__(self, run, shard_set, cfg, dist, autocast_dtype, label: str, say):
+    def __init__(self, run, shard_set, cfg, dist, autocast_dtype, label: str, say, normalization):
         self.run, self.shard_set, self.cfg, self.label, self.say = run, shard_set, cfg, label, say
+        self.norm = normalization
         self.autocast_dtype, self.device = autocast_dtype, dist.device
         self.enabled = bool(cfg.preview_every) and dist.master
         self.last = 0
@@ -168,8 +187,10 @@ class Previews:
             if self._decode is None:
                 self._decode = (functools.partial(pixels_to_uint8, scale=ss.latent_scale)
                                 if ss.latent_format == "pixels" else ss.image_codec(self.device).decode)
-            x = ddim_sample(ema, self.text, self.null_text, seeds=list(range(len(self.captions))),
-                            steps=cfg.preview_steps, scale=cfg.preview_scale, autocast_dtype=self.autocast_dtype)
+            x = ddim_sample(ema, self.norm.text_in(self.text), self.norm.text_in(self.null_text),
+                            seeds=list(range(len(self.captions))), steps=cfg.preview_steps, scale=cfg.preview_scale,
+                            autocast_dtype=self.autocast_dtype, prediction=cfg.prediction)
+            x = self.norm.image_out(x)
             with torch.no_grad():
                 images = self._decode(x)
         except Exception as exc:  # noqa: BLE001 -- reported once, then previews stop; the run goes on

@@ -13,13 +13,14 @@ from pathlib import Path
 import torch
 
 from ifvit.files import atomic_path
-from train.diffusion import NUM_TRAIN_TIMESTEPS, alphas_cumprod, guided_eps
+from train.diffusion import NUM_TRAIN_TIMESTEPS, alphas_cumprod, eps_from_prediction, guided_eps
 
 
 @torch.no_grad()
 def ddim_sample(model, context: torch.Tensor, null_context: torch.Tensor, *, seeds: list[int], steps: int = 25,
-                scale: float = 3.0, autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Model-space samples [B, C, S, S] for `context` [B, T, D], guidance eps_c + s (eps_c - eps_u).
+                scale: float = 3.0, autocast_dtype: torch.dtype | None = None, prediction: str = "epsilon") -> torch.Tensor:
+    """Network-space samples [B, C, S, S] for `context` [B, T, D], guidance eps_c + s (eps_c - eps_u), for a
+    network whose output is `prediction` (epsilon | v). Normalisation is the caller's (train/monitor.py).
 
     Image i starts from noise drawn on the CPU from `torch.Generator().manual_seed(seeds[i])`, so a prompt
     and seed give the same picture at every point of training.
@@ -34,7 +35,8 @@ def ddim_sample(model, context: torch.Tensor, null_context: torch.Tensor, *, see
         a_t = abar[t]
         a_prev = abar[ts[i + 1]] if i + 1 < len(ts) else torch.ones((), device=device)
         with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-            eps = model(torch.cat([x, x]), torch.full((2 * len(x),), t, device=device), both).float()
+            out = model(torch.cat([x, x]), torch.full((2 * len(x),), t, device=device), both).float()
+        eps = eps_from_prediction(out, torch.cat([x, x]), a_t.sqrt(), (1 - a_t).sqrt(), prediction)
         eps = guided_eps(*eps.chunk(2), scale)
         x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
         x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps

@@ -3,6 +3,7 @@
     run = RunDir.create("runs/x", config, shards="shards/shapes")   # train, train.convert: a new run
     run = RunDir.open("runs/x", shards=args.shards)                  # everyone else; --shards overrides
     run.config, run.variant, run.model_config                        # config.json
+    run.sampling()                                                   # {"prediction", "normalization"} for sample()
     run.shard_set()                                                  # pipeline.reader.ShardSet
     run.checkpoints(); run.load_model(step=None, ema=True)           # [(step, path)]; a UViT in eval mode
     run.save_checkpoint(state, keep=0); run.append_metrics(rows)     # train's writes
@@ -103,6 +104,20 @@ class RunDir:
     @property
     def train_config(self) -> dict:
         return self.config.get("train", {})
+
+    def normalization(self):
+        """The train.normalization.Normalization the run was trained with (identity for the paper's recipe)."""
+        from train.normalization import Normalization
+
+        cfg = self.train_config
+        return Normalization.load(self.path, cfg.get("image_norm", "scale"), cfg.get("text_norm", "none"))
+
+    def sampling(self) -> dict:
+        """What every sampler call needs to know about the run's weights, as keyword arguments of
+        evaluate.sampler.sample: {"prediction", "normalization"}. Runs written before these options
+        existed (and converted U-ViT runs) are epsilon with the identity."""
+        return {"prediction": self.train_config.get("prediction", "epsilon"),
+                "normalization": self.normalization()}
 
     @property
     def shards(self) -> Path | None:

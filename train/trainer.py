@@ -3,12 +3,15 @@
 One optimizer step:
   data     `grad_accum` micro-batches per rank; VAE moments are sampled and scaled on the device, captions
            are dropped to the "" encoding with torch.where (shapes never change, so nothing recompiles)
-  loss     eps-prediction MSE on SD's scaled-linear schedule (train/diffusion.py, shared with the sampler),
-           in bf16 autocast without a grad scaler (bf16 has fp32's exponent range)
+  inputs   images and text states through the run's normalisation (train/normalization.py; the identity
+           for the paper's recipe)
+  loss     MSE of the prediction target (epsilon | v), uniform or min-SNR weighted, on SD's scaled-linear
+           schedule (train/diffusion.py, shared with the sampler), in bf16 autocast without a grad scaler
   update   AdamW (fused on CUDA), linear warm-up then constant; an fp32 EMA of the weights every step
 Every `log_every` steps the loss is averaged over ranks and steps, checked for NaN/inf, and written to tqdm,
 metrics.jsonl and TensorBoard; SIGTERM is honoured there too. Every `ckpt_every` steps, at the end and on
-SIGTERM the whole state is checkpointed atomically; every `preview_every` steps the EMA model draws a grid.
+SIGTERM the whole state is checkpointed atomically; every `preview_every` steps the EMA model draws a grid
+and the per-timestep diagnostic is measured (train/diagnostic.py).
 The parts: RunState here (what a checkpoint holds), train/monitor.py (StopSignals, TrainLog, Previews),
 train/data.py (the data stream), train/distributed.py (ranks, the folder lock), train/run_dir.py (the files).
 
@@ -35,12 +38,14 @@ from torch.utils.checkpoint import checkpoint as recompute
 
 from ifvit.errors import BadConfig
 from train.checkpoint import load_checkpoint
-from train.config import TrainConfig, default_preset, make_config
+from train.config import MEANING_FIELDS, TrainConfig, default_preset, make_config
 from train.data import DataStream
-from train.diffusion import NoiseSchedule, eps_loss
+from train.diagnostic import Diagnostic
+from train.diffusion import NoiseSchedule, diffusion_loss
 from train.distributed import Dist, init_distributed
 from train.model import ModelConfig, UViT, count_params, variant_config, variant_name
 from train.monitor import NonFiniteLoss, Previews, StopSignals, TrainLog
+from train.normalization import Normalization
 from train.run_dir import RunDir
 
 # Dense bf16 peak of one device (TFLOP/s) for MFU; the first name contained in the device's name wins.
@@ -116,7 +121,8 @@ def draw_step_inputs(x0: torch.Tensor, text: torch.Tensor, null_text: torch.Tens
 
 
 def train_step(model, optimizer, schedule: NoiseSchedule, x0, context, t, eps, *, lr: float,
-               grad_accum: int = 1, autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
+               grad_accum: int = 1, autocast_dtype: torch.dtype | None = None, prediction: str = "epsilon",
+               weighting: str = "uniform", gamma: float = 5.0) -> torch.Tensor:
     """One optimizer step over the rank's batch, split into `grad_accum` micro-batches. Returns the mean
     loss as a detached device tensor (reading it would sync, so the caller decides when)."""
     for group in optimizer.param_groups:
@@ -130,7 +136,8 @@ def train_step(model, optimizer, schedule: NoiseSchedule, x0, context, t, eps, *
         with nullcontext() if last or not isinstance(model, DDP) else model.no_sync():
             with torch.autocast(device_type, dtype=autocast_dtype or torch.float32,
                                 enabled=autocast_dtype is not None):
-                loss = eps_loss(model, x0_i, context_i, schedule, t_i, eps_i)
+                loss = diffusion_loss(model, x0_i, context_i, schedule, t_i, eps_i, prediction=prediction,
+                                      weighting=weighting, gamma=gamma)
             (loss / grad_accum).backward()
         total += loss.detach()
     optimizer.step()
@@ -169,13 +176,29 @@ def resolve_configs(variant, shard_set, saved: dict | None, preset, overrides, n
                and overrides[k] != saved["train"].get(k)]
     if changed:
         raise BadConfig(f"{' '.join(changed)} would change the model this run directory holds: {fix}")
-    cfg = replace(TrainConfig(**saved["train"]), **overrides)
+    saved_cfg = TrainConfig(**saved["train"])  # runs from before a field existed get its default: the paper's
+    changed = [f"--{k.replace('_', '-')}" for k in MEANING_FIELDS if k in overrides
+               and overrides[k] != getattr(saved_cfg, k)]
+    if changed:
+        raise BadConfig(f"{' '.join(changed)} would change what this run's weights mean (they were trained with "
+                        + ", ".join(f"{k} {getattr(saved_cfg, k)}" for k in MEANING_FIELDS) + f"): {fix}")
+    cfg = replace(saved_cfg, **overrides)
     mcfg = ModelConfig(**saved["model"])
     wanted = model_config(variant, cfg, data, n_text, n_image)
     if (variant_name(wanted), wanted.n_text, wanted.n_image) != (variant_name(mcfg), mcfg.n_text, mcfg.n_image):
         raise BadConfig(f"this run directory holds a {variant_name(mcfg)} model ([n_text, n_image] = "
                         f"[{mcfg.n_text}, {mcfg.n_image}]), not {variant_name(wanted)}: {fix}")
     return cfg, mcfg
+
+
+def new_run_normalization(shard_set, cfg: TrainConfig) -> Normalization:
+    """The identity for the paper's recipe; else built from the shard set's statistics (computed once and
+    kept in the set if it has none yet: pipeline.statistics)."""
+    if cfg.image_norm == "scale" and cfg.text_norm == "none":
+        return Normalization.identity()
+    from pipeline.statistics import ensure_statistics
+
+    return Normalization.from_statistics(ensure_statistics(shard_set), cfg.image_norm, cfg.text_norm)
 
 
 @dataclass
@@ -192,6 +215,7 @@ class RunState:
     step: int
     autocast_dtype: torch.dtype | None
     dist: Dist
+    norm: Normalization  # how images and text states are scaled for the network (saved with the run)
 
     @classmethod
     def start(cls, variant, shards, shard_set, out: Path, dist: Dist, preset, overrides, n_text,
@@ -209,6 +233,9 @@ class RunState:
                             f"{cfg.grad_accum}: pick a batch_size that is a multiple of {dist.world * cfg.grad_accum}")
         config = {**(ckpt["config"] if ckpt else {}), "model": mcfg.to_dict(), "train": cfg.to_dict()}
         run = RunDir.create(out, config, shards=shards) if dist.master else RunDir(out, config, shards)
+        norm = new_run_normalization(shard_set, cfg) if ckpt is None else run.normalization()
+        if ckpt is None and dist.master and not norm.is_identity:
+            norm.save(out)
         autocast_dtype = {"bf16": torch.bfloat16, "fp32": None}.get(
             cfg.precision, torch.bfloat16 if device.type == "cuda" else None)
         if device.type == "cuda":
@@ -239,7 +266,7 @@ class RunState:
         else:
             stream.reseed(0)
         return cls(run, cfg, mcfg, model, net, ema, optimizer, stream, ckpt["step"] if ckpt else 0,
-                   autocast_dtype, dist)
+                   autocast_dtype, dist, norm)
 
     def describe(self, label: str, flops_per_forward: float) -> str:
         cfg, d = self.cfg, self.dist
@@ -276,13 +303,16 @@ def train(variant: str, shards: str | Path, out: str | Path, *, preset: str | No
     shard_set = ShardSet(shards)
     with dist.exclusive(out, f"python -m train --variant {variant} --out {out}"), StopSignals() as stop:
         state = RunState.start(variant, shards, shard_set, out, dist, preset, overrides, n_text, n_image)
-        cfg, start, label = state.cfg, state.step, state.run.variant
-        schedule, null_text = NoiseSchedule(dist.device), shard_set.null_text().to(dist.device)
+        cfg, start, label, norm = state.cfg, state.step, state.run.variant, state.norm
+        schedule, null_text = NoiseSchedule(dist.device), norm.text_in(shard_set.null_text().to(dist.device))
         ema_params, params = list(state.ema.parameters()), list(state.model.parameters())
         flops = true_flops(state.mcfg)
         log = TrainLog(state.run, cfg, dist, start=start, flops_per_sample=3 * flops,  # forward + backward
                        peak_flops=peak_flops(dist.device), label=label)
-        previews = Previews(state.run, shard_set, cfg, dist, state.autocast_dtype, label, log.say)
+        previews = Previews(state.run, shard_set, cfg, dist, state.autocast_dtype, label, log.say, norm)
+        diagnostic = (Diagnostic(shard_set, norm, cfg.prediction, dist.device, every=cfg.preview_every,
+                                 total_steps=cfg.steps, autocast_dtype=state.autocast_dtype)
+                      if dist.master and cfg.preview_every else None)
         log.say(state.describe(label, flops))
         if start >= cfg.steps:
             log.say(f"{label}: the run is already at step {start} of {cfg.steps}: nothing to do "
@@ -295,12 +325,14 @@ def train(variant: str, shards: str | Path, out: str | Path, *, preset: str | No
                 gen = step_generator(cfg.seed, dist.rank, step, dist.device)
                 # VAE moments -> a latent sample, times the latent scale (pixels pass through), on the device.
                 x0 = to_model_input(latent, shard_set.latent_format, shard_set.latent_scale, generator=gen).float()
+                x0, text = norm.image_in(x0), norm.text_in(text.float())
                 context, t, eps = draw_step_inputs(x0, text, null_text, gen, caption_dropout=cfg.caption_dropout,
                                                    schedule=schedule)
                 if step == cfg.inject_nan_at_step:
                     x0 = x0 * float("nan")  # a debugging aid: a poisoned batch, as bad data would give
                 loss = train_step(state.net, state.optimizer, schedule, x0, context, t, eps, lr=cfg.lr_at(step),
-                                  grad_accum=cfg.grad_accum, autocast_dtype=state.autocast_dtype)
+                                  grad_accum=cfg.grad_accum, autocast_dtype=state.autocast_dtype,
+                                  prediction=cfg.prediction, weighting=cfg.loss_weighting, gamma=cfg.min_snr_gamma)
                 update_ema(ema_params, params, cfg.ema_decay)
                 log.add(loss)
 
@@ -309,7 +341,8 @@ def train(variant: str, shards: str | Path, out: str | Path, *, preset: str | No
                     state.stream.reseed(step)  # before saving, so the checkpoint starts the next segment
                 if step % cfg.log_every and not checkpoint_due:
                     continue
-                stops = log.flush(step, stop.requested)  # the sync point: loss over ranks, NaN check, stop votes
+                diag = diagnostic.measure(state.ema) if diagnostic and diagnostic.due(step) else None
+                stops = log.flush(step, stop.requested, diag)  # the sync point: loss over ranks, NaN check, stops
                 if checkpoint_due or stops:
                     last_saved = state.save(step) or last_saved
                 if previews.due(step):
