@@ -275,7 +275,10 @@ def _shapes_sized_fork_checkpoint(tmp_path) -> Path:
     return path
 
 
-def test_evaluate_sample_runs_on_a_converted_run(shapes_shards, tmp_path, capsys):
+def test_evaluate_and_evaluate_sample_run_on_a_converted_run(shapes_shards, tmp_path, capsys):
+    import json
+
+    from evaluate.__main__ import main as evaluate
     from evaluate.sample import main as sample
 
     ckpt = _shapes_sized_fork_checkpoint(tmp_path)
@@ -285,6 +288,8 @@ def test_evaluate_sample_runs_on_a_converted_run(shapes_shards, tmp_path, capsys
     out = tmp_path / "samples"
     assert sample(["--run", str(run), "--prompt", "a red circle", "--num", "2", "--steps", "2", "--out", str(out)]) == 0
     assert len(list(out.glob("a_red_circle_seed*.png"))) == 2
+    assert evaluate(["--run", str(run), "--num-samples", "2", "--steps", "2", "--batch-size", "2", "--clip", "none"]) == 0
+    assert json.loads((run / "eval" / "metrics.json").read_text())["variant"] == "if_concat"
 
 
 def test_without_shards_evaluation_asks_for_them(shapes_shards, tmp_path, capsys):
