@@ -168,6 +168,16 @@ def test_a_wrong_variant_is_refused_naming_the_one_that_fits(foreign_args, sourc
     assert not out.exists()
 
 
+@pytest.mark.parametrize("extra, words", [
+    ({"time_embed.0.weight": (4 * W, W)}, "mlp_time_embed=True"),
+    ({"in_blocks.0.attn.qkv.bias": (3 * W,)}, "qkv_bias=True"),
+])
+def test_u_vit_options_this_model_lacks_are_refused(extra, words, tmp_path, capsys):
+    torch.save(random_checkpoint(foreign_shapes("uvit") | extra), tmp_path / "ckpt.pth")
+    assert convert(["--from", "uvit", str(tmp_path / "ckpt.pth"), "--out", str(tmp_path / "run"), *FLAGS]) == 2
+    assert words in one_error_line(capsys)
+
+
 def _write_marker(path):
     Path(path).write_text("pickled code ran")
 

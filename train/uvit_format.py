@@ -168,6 +168,9 @@ def implied_config(foreign: dict[str, torch.Tensor], source: str, *, text_len: i
         raise BadConfig("the checkpoint has time_embed.* (trained with mlp_time_embed=True): this project's UViT "
                         "feeds the sinusoidal time embedding to the blocks as it is, so it cannot hold that network")
 
+    if any(k.endswith((".attn.qkv.bias", ".attn.q.bias", ".attn.kv.bias")) for k in foreign):
+        raise BadConfig("the checkpoint has attention biases (trained with qkv_bias=True): this project's UViT "
+                        "has none, as U-ViT's MS-COCO configs, so it cannot hold that network")
     width = _shape(foreign, "pos_embed", source)[2]
     _, in_chans, patch, _ = _shape(foreign, "patch_embed.proj.weight", source)
     text_dim = _shape(foreign, "context_embed.weight", source)[1]
