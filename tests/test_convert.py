@@ -321,3 +321,13 @@ def test_a_checkpoint_that_does_not_fit_the_shard_set_is_refused(shapes_shards, 
     assert convert(["--from", "uvit", str(tmp_path / "uvit.pth"), "--out", str(tmp_path / "run"), *FLAGS,
                     "--shards", str(shapes_shards)]) == 2
     assert "does not fit the shard set" in one_error_line(capsys)
+
+
+def test_training_does_not_resume_a_converted_run(shapes_shards, tmp_path, capsys):
+    from train.__main__ import main as train
+
+    run = tmp_path / "run"
+    assert convert(["--from", "uvit-fusion", str(_shapes_sized_fork_checkpoint(tmp_path)), "--out", str(run),
+                    "--heads", str(HEADS), "--shards", str(shapes_shards)]) == 0
+    assert train(["--variant", "if_concat", "--shards", str(shapes_shards), "--out", str(run), "--preset", "tiny"]) == 2
+    assert "converted from uvit-fusion" in one_error_line(capsys)
