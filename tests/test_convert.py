@@ -195,10 +195,18 @@ def test_a_checkpoint_carrying_a_pickled_object_is_refused_without_running_it(tm
     state = random_checkpoint(foreign_shapes("uvit")) | {"extra": RunsCodeWhenUnpickled(marker)}
     torch.save(state, tmp_path / "evil.pth")
     assert convert(["--from", "uvit", str(tmp_path / "evil.pth"), "--out", str(tmp_path / "run"), *FLAGS]) == 2
-    assert "needs pickled Python objects" in one_error_line(capsys)
+    line = one_error_line(capsys)
+    assert "needs pickled Python objects" in line and "_write_marker" in line and "refused unread" in line
     assert not marker.exists() and not (tmp_path / "run").exists()
     torch.load(tmp_path / "evil.pth", weights_only=False)  # the object is real: unpickled freely, it runs
     assert marker.read_text() == "pickled code ran"
+
+
+def test_a_file_that_is_not_a_checkpoint_is_refused(tmp_path, capsys):
+    for i, data in enumerate([b"hello", bytes(range(256)) * 4]):
+        (tmp_path / f"{i}.pth").write_bytes(data)
+        assert convert(["--from", "uvit", str(tmp_path / f"{i}.pth"), "--out", str(tmp_path / "run")]) == 2
+        assert "is not a readable torch checkpoint" in one_error_line(capsys)
 
 
 def test_dtypes_are_checked(tmp_path, capsys):

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import pickle
 import re
 import sys
 from pathlib import Path
@@ -87,13 +86,14 @@ def read_state_dict(file: Path) -> dict[str, torch.Tensor]:
     """The tensors of a state-dict file, read without running any pickled code, wrapper prefixes removed."""
     try:
         loaded = torch.load(file, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        # weights_only refuses any global it does not know before calling it: nothing in the file has run.
-        raise BadConfig(f"{file} needs pickled Python objects to load, so it was refused unread "
-                        f"({str(exc).splitlines()[0][:160]}): only plain state dicts are converted; where it "
-                        "was made, save one with torch.save(model.state_dict(), PATH)") from None
-    except (RuntimeError, EOFError, OSError) as exc:
-        raise BadConfig(f"{file} is not a torch checkpoint ({str(exc).splitlines()[0][:160]})") from None
+    except Exception as exc:  # noqa: BLE001 -- an untrusted file can fail inside torch in any way
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        if found:  # weights_only meets a global it does not allow before calling it: nothing in the file ran
+            raise BadConfig(f"{file} needs pickled Python objects to load (it refers to {found[1]}), so it was "
+                            "refused unread: only plain state dicts are converted; where it was made, save one "
+                            "with torch.save(model.state_dict(), PATH)") from None
+        raise BadConfig(f"{file} is not a readable torch checkpoint ({type(exc).__name__}): pass a state-dict "
+                        f"file written by torch.save, or U-ViT's ckpts/N.ckpt/ folder") from None
     if not isinstance(loaded, dict) or not loaded:
         raise BadConfig(f"{file} holds a {type(loaded).__name__}, not a state dict (tensors by name)")
     state = {}
