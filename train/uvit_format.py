@@ -193,7 +193,8 @@ def implied_config(foreign: dict[str, torch.Tensor], source: str, *, text_len: i
                            width=width, depth=2 * n_half + 1, heads=heads, mlp_ratio=hidden / width,
                            text_len=text_len, text_dim=text_dim, time_label_offset=time_label_offset)
     except BadConfig as exc:
-        raise BadConfig(f"the checkpoint's shapes describe no UViT this project can build: {exc}") from None
+        raise BadConfig(f"the checkpoint's shapes, with {heads} heads and {text_len} text tokens (--heads, "
+                        f"--text-len), describe no UViT this project can build: {exc}") from None
 
 
 def layout_mismatch(foreign: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]]) -> str | None:
