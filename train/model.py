@@ -46,6 +46,9 @@ class ModelConfig:
     mlp_ratio: float = 4.0
     text_len: int = 77
     text_dim: int = 768
+    # Added to every time label before the timestep embedding. 0 for networks trained here (labels
+    # t = 0..999); 1 for networks converted from U-ViT, which were trained on n = t + 1 (train/convert.py).
+    time_label_offset: int = 0
 
     def __post_init__(self):
         if self.fusion not in FUSIONS:
@@ -65,6 +68,9 @@ class ModelConfig:
             raise BadConfig(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
         if self.width % self.heads:
             raise BadConfig(f"width {self.width} is not divisible by heads {self.heads}")
+        if self.time_label_offset not in (0, 1):
+            raise BadConfig(f"time_label_offset must be 0 (trained here) or 1 (converted from U-ViT), "
+                            f"got {self.time_label_offset}")
 
     @property
     def num_patches(self) -> int:
@@ -310,6 +316,8 @@ class UViT(nn.Module):
         cfg = self.cfg
         T = cfg.text_len
         patches = self.patch_embed(x).flatten(2).transpose(1, 2)
+        if cfg.time_label_offset:  # the sampler speaks this project's labels; the network its own
+            timesteps = timesteps + cfg.time_label_offset
         time_tok = timestep_embedding(timesteps, cfg.width).to(patches.dtype)[:, None]
         txt = self.context_embed(context)
         pos = self.pos_embed

@@ -170,6 +170,9 @@ def resolve_configs(variant, shard_set, saved: dict | None, preset, overrides, n
         cfg = make_config(preset or default_preset(shard_set.latent_format, cuda), **overrides)
         return cfg, model_config(variant, cfg, data, n_text, n_image)
     fix = "use a new --out to start another run"
+    if "converted_from" in saved:  # train.convert writes weights only: no optimizer, data or RNG state to resume
+        raise BadConfig(f"this run directory holds a network converted from {saved['converted_from']['source']} "
+                        f"(python -m train.convert), which cannot be resumed: {fix}")
     if preset and preset != saved["train"]["preset"]:
         raise BadConfig(f"this run directory was trained with preset {saved['train']['preset']}: {fix}")
     changed = [f"--{k.replace('_', '-')}" for k in SHAPE_FIELDS if k in overrides
