@@ -62,6 +62,7 @@ class EvalConfig:
     fid_ref: str | None = None  # reference statistics .npz (pytorch-fid's format, e.g. U-ViT's) instead of the split
     fid_reference_images: int | None = None  # first N images of the split for the reference (None: all)
     clip: str = DEFAULT_CLIP  # open_clip spec (pipeline.encoders), or "none"
+    vae: str | None = None  # decoder override (hub id, folder, ldm FILE.pth); None: the shard set's own
     shards: str | None = None  # the shard set, when it has moved since training (default: the run's)
     cache_dir: str | None = None  # FID reference statistics (default $IFVIT_CACHE or ~/.cache/ifvit)
     compile: bool = False  # model.compile() before sampling (GPU, worth it for FID-30K)
@@ -295,7 +296,7 @@ def _evaluate(run: RunDir, cfg: EvalConfig, dist: Dist) -> dict | None:
             say(f"{name} skipped: {reason}")
     if scorers.fid_reference_warning:
         say(f"warning: {scorers.fid_reference_warning}")
-    codec = shard_set.image_codec(device)
+    codec = shard_set.image_codec(device, vae=cfg.vae)
     null_text = shard_set.null_text().to(device)
     set_key = manifest_key(shard_set.manifest)
 
@@ -356,6 +357,7 @@ def _evaluate(run: RunDir, cfg: EvalConfig, dist: Dist) -> dict | None:
         "fid_features": cfg.fid_features, "fid_statistics": main.get("fid_statistics"),
         "clip_score": main["clip_score"], "clip_model": None if scorers.clip is None else scorers.clip.spec,
         **({"clip_skipped": main["clip_skipped"]} if main.get("clip_skipped") else {}),
+        "decoder": cfg.vae or shard_set.manifest["image_encoder"]["spec"],
         "sampling": {"images_per_s": timing.get("images_per_s"), "seconds": timing.get("seconds"),
                      "includes": "sampling + decoding", **{k: timing[k] for k in ("batch_size", "world_size",
                                                                                  "device") if k in timing}},

@@ -31,11 +31,12 @@ from ifvit.files import atomic_path, atomic_write_json, is_temporary
 from ifvit.lock import FolderLock
 from pipeline.encoders import DEFAULT_CLIP, DEFAULT_VAE
 from pipeline.executors import absolute_spec, choose_executor, run_local, run_ray
+from pipeline.ldm_vae import UVIT_LATENT_SCALE, is_ldm_vae_file
 from pipeline.manifest import FORMAT_VERSION, MANIFEST, NULL_TEXT, STAGING, TEXT_ENCODER_DIR, config_hash, load_manifest
 from pipeline.sources import Preprocess
 
 RANDOM_TEXT_ENCODER = "random"  # --clip random: a seeded random CLIP text tower saved inside the set
-PAPER_COCO_SCALE = 0.23010  # U-ViT's latent scale for SD-VAE on MS-COCO 256 (1 / std of its latents)
+PAPER_COCO_SCALE = UVIT_LATENT_SCALE  # U-ViT's latent scale for SD-VAE on MS-COCO 256 (1 / std of its latents)
 
 
 @dataclass
@@ -102,6 +103,8 @@ def choose_latent_scale(cfg: JobConfig, source, latent_format: str, std: float) 
         return 1.0, "pixels are already in [-1, 1]"
     if source.name == "coco" and cfg.image_encoder == DEFAULT_VAE:
         return PAPER_COCO_SCALE, "the paper's (U-ViT) value for SD-VAE latents of MS-COCO"
+    if is_ldm_vae_file(cfg.image_encoder):  # U-ViT's own autoencoder file: its networks expect its scale
+        return UVIT_LATENT_SCALE, "U-ViT's value for its autoencoder file (configs/mscoco_uvit_small.py)"
     return 1.0 / std, "1 / measured std of the train latents"
 
 
