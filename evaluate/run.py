@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from evaluate import judge
 from evaluate.clip_score import ClipScorer, ClipUnavailable, clip_scores
 from evaluate.fid import (INCEPTION, FIDFeatures, FIDUnavailable, frechet_distance, load_statistics,
-                          manifest_key, reference_statistics, save_statistics, statistics)
+                          manifest_key, reference_statistics, require_images, save_statistics, statistics)
 from evaluate.sampler import DEFAULT_SOLVER, SOLVER_NOTES, check_solver, sample
 from evaluate.prompts import Prompt, choose_prompts
 from evaluate.sample_folder import SampleFolder, iter_sample_batches, sample_file, save_grid
@@ -129,6 +129,8 @@ class Scorers:
             fid_skipped = "disabled (--fid-features none)"
         else:
             try:
+                if not cfg.fid_ref:
+                    require_images(shard_set)  # before loading Inception: say the real reason first
                 fid = FIDFeatures(cfg.inception_weights, device, cfg.fid_features)
                 if cfg.fid_ref:  # checked on every rank: a bad file stops all of them before any sampling
                     reference, warning = load_statistics(cfg.fid_ref, fid)
@@ -138,7 +140,11 @@ class Scorers:
             except FIDUnavailable as e:
                 fid, fid_skipped = None, str(e)
         clip = clip_skipped = None
-        if cfg.clip.lower() in ("none", "off", ""):
+        if not shard_set.has_captions:
+            clip_skipped = (f"the shard set {shard_set.path} holds text states but no caption texts (U-ViT features "
+                            "converted without annotation files): rebuild it with `python -m pipeline uvit-features "
+                            "... --annotations DIR` (COCO's captions_{train,val}2014.json) for a CLIP score")
+        elif cfg.clip.lower() in ("none", "off", ""):
             clip_skipped = ("disabled (--clip none" + (", the cpu preset's default: ViT-L/14 costs ~1.5 s per "
                             "image on 2 cores" if cfg.preset == "cpu" else "") +
                             "); pass --clip ViT-L-14-quickgelu:openai (or a local file) to compute it")

@@ -103,6 +103,8 @@ def choose_latent_scale(cfg: JobConfig, source, latent_format: str, std: float) 
         return 1.0, "pixels are already in [-1, 1]"
     if source.name == "coco" and cfg.image_encoder == DEFAULT_VAE:
         return PAPER_COCO_SCALE, "the paper's (U-ViT) value for SD-VAE latents of MS-COCO"
+    if source.name == "uvit-features":  # moments of U-ViT's autoencoder_kl.pth, trained on at its scale
+        return UVIT_LATENT_SCALE, "U-ViT's value for its MS-COCO features (configs/mscoco_uvit_small.py)"
     if is_ldm_vae_file(cfg.image_encoder):  # U-ViT's own autoencoder file: its networks expect its scale
         return UVIT_LATENT_SCALE, "U-ViT's value for its autoencoder file (configs/mscoco_uvit_small.py)"
     return 1.0 / std, "1 / measured std of the train latents"

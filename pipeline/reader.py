@@ -65,6 +65,17 @@ class ShardSet:
         The one place that decides it (evaluate asks here)."""
         return self.manifest.get("source", {}).get("kind") == "shapes"
 
+    @property
+    def has_captions(self) -> bool:
+        """Records carry their caption texts (False for U-ViT features converted without annotation files:
+        text states only, so no CLIP score)."""
+        return self.manifest.get("captions_available", True)
+
+    @property
+    def stores_images(self) -> bool:
+        """Val records carry PNGs for FID reference statistics (False for U-ViT features: pass --fid-ref)."""
+        return self.manifest.get("stores_images", True)
+
     def __repr__(self) -> str:
         counts = ", ".join(f"{s} {self.manifest['splits'][s]['records']}" for s in self.splits)
         return (f"ShardSet({str(self.path)!r}: {counts}; {self.latent_format} "
