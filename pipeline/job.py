@@ -245,7 +245,8 @@ def print_summary(manifest: dict) -> None:
         f"std {image['latent_std']:.4f}, scale {image['latent_scale']:.5f} ({image['latent_scale_source']})",
         f"  text       {text['spec']} -> [K, {text['text_len']}, {text['text_dim']}] float16",
         f"  config     {manifest['config_hash']}"
-        + (f"; {timing['images_encoded']:,} images encoded at {timing['images_per_s']:.1f} images/s"
+        + (f"; {timing['images_encoded']:,} images {timing.get('verb', 'encoded')} at "
+           f"{timing['images_per_s']:.1f} images/s"
            + (f" ({timing['executor']} executor)" if "executor" in timing else "") if timing else ""),
     ]
     print("\n".join(lines), file=sys.stdout, flush=True)

@@ -56,7 +56,8 @@ def diffusers_config(state: dict[str, torch.Tensor]) -> dict:
         raise BadConfig("this autoencoder has attention inside its down/up blocks (attn_resolutions), which "
                         "diffusers' AutoencoderKL cannot express; SD's KL-f8 has none")
     n = len(levels)
-    return dict(in_channels=state["encoder.conv_in.weight"].shape[1], out_channels=state["decoder.conv_out.weight"].shape[0],
+    return dict(in_channels=state["encoder.conv_in.weight"].shape[1],
+                out_channels=state["decoder.conv_out.weight"].shape[0],
                 latent_channels=state["post_quant_conv.weight"].shape[1], layers_per_block=len(blocks),
                 norm_num_groups=LDM_NORM_GROUPS, down_block_types=("DownEncoderBlock2D",) * n,
                 up_block_types=("UpDecoderBlock2D",) * n,

@@ -42,8 +42,9 @@ EMPTY_CONTEXT = "empty_context.npy"
 ANNOTATION_FILES = {"train": "captions_train2014.json", "val": "captions_val2014.json"}
 TEXT_ORIGIN = ("U-ViT's scripts/extract_mscoco_feature.py: transformers CLIPTextModel openai/clip-vit-large-patch14, "
                "last_hidden_state, padding='max_length' to 77 (libs/clip.py); the spec encodes new prompts identically")
-IMAGE_ORIGIN = ("U-ViT's scripts/extract_mscoco_feature.py: encode_moments of assets/stable-diffusion/autoencoder_kl.pth "
-                "on a center crop resized to the resolution (datasets.py center_crop); not re-encoded here")
+IMAGE_ORIGIN = ("U-ViT's scripts/extract_mscoco_feature.py: encode_moments of "
+                "assets/stable-diffusion/autoencoder_kl.pth on a center crop resized to the resolution "
+                "(datasets.py center_crop); not re-encoded here")
 
 
 def load_array(path: Path, shape: tuple, what: str) -> tuple[np.ndarray | None, str | None]:
@@ -55,12 +56,12 @@ def load_array(path: Path, shape: tuple, what: str) -> tuple[np.ndarray | None, 
     except (ValueError, OSError, EOFError) as e:  # pickled objects, a truncated or foreign file
         return None, f"unreadable .npy: {type(e).__name__}: {e}"
     if not isinstance(array, np.ndarray) or array.dtype not in (np.float16, np.float32, np.float64):
-        return None, f"{what} has dtype {getattr(array, 'dtype', type(array).__name__)}, expected float32"
+        return None, f"wrong dtype: {what} {getattr(array, 'dtype', type(array).__name__)}, expected float32"
     if array.shape != shape:
-        return None, f"{what} has shape {list(array.shape)}, expected {list(shape)}"
+        return None, f"wrong shape: {what} {list(array.shape)}, expected {list(shape)}"
     array16 = array.astype(np.float16)
     if not (np.isfinite(array).all() and np.isfinite(array16).all()):
-        return None, f"{what} has non-finite values (or values beyond float16)"
+        return None, f"non-finite values: {what} (or values beyond float16)"
     return array16, None
 
 
@@ -136,12 +137,12 @@ class UViTFeatureSource:
             elif m := STATES_FILE.fullmatch(name):
                 states[int(m.group(1))].append(int(m.group(2)))
             else:
-                skipped.append(skip(f"{split}/{name}", "not a U-ViT feature file ({i}.npy or {i}_{k}.npy)",
+                skipped.append(skip(f"{split}/{name}", "not a U-ViT feature file: expected {i}.npy or {i}_{k}.npy",
                                     split=split, source_file=f"{split}/{name}"))
         ids, captions = self._annotations(split, moments)
         count = len(ids) if ids else max(moments, default=-1) + 1
-        for i in sorted(set(states) - moments):
-            skipped.append(skip(self._key(split, i, ids), f"caption states without the moments file {i}.npy",
+        for i in sorted(i for i in set(states) - moments if i >= count):  # below count: "missing file" below
+            skipped.append(skip(self._key(split, i, ids), f"caption states without an image: no {i}.npy",
                                 split=split, source_file=f"{split}/{i}_0.npy"))
         rows = []
         for i in range(count):
@@ -152,10 +153,11 @@ class UViTFeatureSource:
             if i not in moments:
                 skipped.append(skip(row, "missing file"))
             elif not row["states"]:
-                skipped.append(skip(row, "no caption states ({i}_{k}.npy)"))
+                skipped.append(skip(row, "no captions: no {i}_{k}.npy state files"))
             elif ids and len(row["captions"]) != max(row["states"]) + 1:
-                skipped.append(skip(row, f"{max(row['states']) + 1} caption state files but {len(row['captions'])} "
-                                         "captions in the annotations: the pairing cannot be trusted"))
+                skipped.append(skip(row, f"caption count mismatch: {max(row['states']) + 1} state files but "
+                                         f"{len(row['captions'])} captions in the annotations, so the pairing "
+                                         "cannot be trusted"))
             else:
                 rows.append(row)
         return rows, skipped
@@ -203,7 +205,7 @@ def load_shard(work: dict, source: UViTFeatureSource, null_text: np.ndarray) -> 
             kept_captions.append(caption)
             kept_files.append(file)
         if not kept:
-            skipped.append(skip(row, "no usable caption states"))
+            skipped.append(skip(row, "no captions: no usable caption states"))
             continue
         record = {"key": row["key"], "id": row["id"], "source_file": row["source_file"], "split": row["split"],
                   # None, not [], without annotation files: the states exist, their texts are unknown
@@ -258,6 +260,8 @@ def _build(source: UViTFeatureSource, cfg, workers: int | None) -> dict:
         print(f"{out} is up to date (config {chash}): nothing to do")
         print_summary(manifest)
         return manifest
+    null_text = source.null_text()  # inputs first: a wrong --root or annotation file leaves nothing behind
+    rows, listing_skipped = source.rows()
     staging = out / STAGING
     staging.mkdir(parents=True, exist_ok=True)
     stamp = staging / "config.json"
@@ -268,8 +272,6 @@ def _build(source: UViTFeatureSource, cfg, workers: int | None) -> dict:
     for stale in [p for folder in (out, staging) for p in folder.iterdir() if is_temporary(p)]:
         shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
 
-    null_text = source.null_text()
-    rows, listing_skipped = source.rows()
     plan = plan_shards(rows, cfg.shard_size, cfg.limit)
     if not plan:
         raise BadConfig(f"{source.root} holds no usable U-ViT features ({{i}}.npy with {{i}}_{{k}}.npy in train/ and "
@@ -302,7 +304,7 @@ def _build(source: UViTFeatureSource, cfg, workers: int | None) -> dict:
     manifest["captions_available"] = source.annotations is not None  # without them: no CLIP score
     converted, seconds = sum(len(s["rows"]) for s in todo), time.time() - start
     manifest["timing"] = {"executor": "local", "seconds": seconds, "images_encoded": converted,
-                          "images_per_s": converted / max(seconds, 1e-9), "encoded": "no: U-ViT's arrays, converted"}
+                          "images_per_s": converted / max(seconds, 1e-9), "verb": "converted (not re-encoded)"}
     if cfg.strict and manifest["skipped"]:
         print_summary(manifest)
         raise StrictModeError(f"--strict: {len(manifest['skipped'])} input(s) skipped (listed above)")

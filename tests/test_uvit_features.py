@@ -21,7 +21,7 @@ MOMENTS, STATES = (8, 32, 32), (77, 768)
 IMAGE_IDS = {"train": [57, 9, 391, 12, 200, 1001], "val": [42, 7, 300]}
 BAD = {  # (split, U-ViT index) -> reason prefix of the whole image's skip
     ("train", 3): "unreadable .npy",  # a pickled object array
-    ("train", 4): "moments has shape",
+    ("train", 4): "wrong shape: moments",
     ("val", 2): "missing file",
 }
 
@@ -99,8 +99,8 @@ def test_features_become_a_shard_set_in_uvit_order(feature_root, tmp_path, capsy
     for (split, i), prefix in BAD.items():
         key = f"{expected[(split, i)]['id']:012d}"
         assert reasons[(split, key)].startswith(prefix), reasons
-    assert any(e.get("caption") == 2 and "dtype int32" in e["reason"] for e in m["skipped"])
-    assert any("without the moments file" in e["reason"] for e in m["skipped"])
+    assert any(e.get("caption") == 2 and "wrong dtype: caption states int32" in e["reason"] for e in m["skipped"])
+    assert [e["key"] for e in m["skipped"] if "without an image" in e["reason"]] == ["train-000099"]
     assert any("not a U-ViT feature file" in e["reason"] and "notes.txt" in e["key"] for e in m["skipped"])
     assert m["counts"]["records"] == len(expected) - len(BAD)
 

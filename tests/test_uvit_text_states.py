@@ -26,7 +26,8 @@ WORDS = ("a man riding a bike down a street next to tall buildings while a dog r
          "two cats sleep on a red couch near the window with plants and books").split()
 CAPTIONS = (
     ["", "   ", "A", "a photo of a cat", "A photo of a CAT.", "Two  dogs\tplaying\nin the snow ",
-     "Café crème on a naïve façade", "Ein Hund läuft über die Straße", "一只猫坐在桌子上", "кошка на диване",
+     "Café crème on a naïve façade", "Ein Hund läuft über die Straße", "一只猫坐在桌子上",
+     "кошка на диване",
      "a bike 🚲 and a cat 🐱", "ＦＵＬＬ-width letters", "the ﬁsh market", "A man’s “red” bike",
      "numbers 1234567 and 3.14", "it's, they're, we'll, I'd", "a" * 300, "html &amp; entities",
      " ".join(WORDS * 3),  # ~130 tokens: truncated
