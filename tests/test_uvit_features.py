@@ -176,3 +176,7 @@ def test_a_run_on_uvit_features_evaluates_and_says_what_is_missing(feature_root,
     assert metrics["decoder"] == str(vae_file) and metrics["num_samples"] == 2
     index = [json.loads(line) for line in (run / "eval" / "samples" / "index.jsonl").read_text().splitlines()]
     assert [e["prompt"] for e in index] == [None, None]
+    from train.data import preview_prompts
+
+    labels, text = preview_prompts(ShardSet(shards), 2)  # training previews of such a set label by key
+    assert labels == ["val-000000 caption 0", "val-000001 caption 0"] and text.shape == (2, 77, 768)
