@@ -60,6 +60,9 @@ def parser() -> ArgumentParser:
                                                          "instead of the split's own images")
     p.add_argument("--clip", metavar="SPEC", help="CLIP for the CLIP score: NAME:TAG, NAME:FILE, FILE, "
                                                   "local-dir:DIR, or none (default ViT-L-14-quickgelu:openai)")
+    p.add_argument("--vae", metavar="SPEC", help="decode with this VAE instead of the shard set's (hub id, "
+                                                 "diffusers folder, or an ldm FILE.pth such as U-ViT's "
+                                                 "autoencoder_kl.pth); the set's latent scale is kept")
     p.add_argument("--shards", help="the run's shard set, if it has moved since training")
     p.add_argument("--cache-dir", metavar="DIR", help=f"where FID reference statistics are cached (default "
                                                       f"${CACHE_ENV} or {DEFAULT_CACHE})")

@@ -213,16 +213,21 @@ def reference_cache(shard_set, features: FIDFeatures, split: str, max_images: in
     return cache_dir_of(cache_dir) / CACHE_DIR / folder / f"{split}-{features.name}{limit}.npz"
 
 
+def require_images(shard_set) -> None:
+    """FIDUnavailable, naming --fid-ref, for a set without images (e.g. built from U-ViT's extracted features)."""
+    if shard_set.manifest.get("stores_images", True) is False:
+        raise FIDUnavailable(f"the shard set {shard_set.path} holds no images to compute FID reference statistics "
+                             "from (built from U-ViT's features): pass --fid-ref FILE.npz (for U-ViT's "
+                             "fid_stats_mscoco256_val.npz also --fid-features pytorch-fid)")
+
+
 def reference_statistics(shard_set, features: FIDFeatures, split: str = "val", batch_size: int = 64,
                          max_images: int | None = None,
                          cache_dir: str | os.PathLike | None = None) -> dict[str, np.ndarray]:
     """FID statistics of the shard set's `split` images (the first `max_images` in shard order, default
     all), cached (`reference_cache`). The cache file also stores the manifest key it was computed from and
     is recomputed when that differs; an unwritable cache folder only costs the recomputation next time."""
-    if shard_set.manifest.get("stores_images", True) is False:  # e.g. built from U-ViT's extracted features
-        raise FIDUnavailable(f"the shard set {shard_set.path} holds no images to compute FID reference statistics "
-                             "from: pass --fid-ref FILE.npz (for U-ViT's fid_stats_mscoco256_val.npz also "
-                             "--fid-features pytorch-fid)")
+    require_images(shard_set)
     cache = reference_cache(shard_set, features, split, max_images, cache_dir)
     key = manifest_key(shard_set.manifest)
     if cache.is_file():

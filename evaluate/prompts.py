@@ -18,7 +18,7 @@ import numpy as np
 @dataclass
 class Prompt:
     key: str  # the record's key in the shard set
-    prompt: str  # the caption used, verbatim
+    prompt: str | None  # the caption used, verbatim (None: a set without caption texts)
     caption_index: int
     seed: int  # seed of the image's initial noise (evaluate.sampler)
     text: np.ndarray  # [T, D] the shard set's own encoding of `prompt`
@@ -35,7 +35,9 @@ def choose_prompts(shard_set, split: str, n: int, seed: int = 0) -> tuple[list[P
     chosen: list[tuple[int, str, Prompt]] = []  # max-heap on rank via negation: the n smallest ranks stay
     problems = []
     for record in shard_set.records(split):
-        captions = record["json"].get("captions") or []
+        captions = record["json"].get("captions")
+        if captions is None:  # U-ViT features without annotation files: states only, the text is unknown
+            captions = [None] * len(record["json"].get("caption_files", []))
         if not captions or len(captions) != len(record["text"]):
             problems.append(f"{record['key']}: {len(captions)} captions but {len(record['text'])} encodings")
             continue

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from evaluate import judge
 from evaluate.clip_score import ClipScorer, ClipUnavailable, clip_scores
 from evaluate.fid import (INCEPTION, FIDFeatures, FIDUnavailable, frechet_distance, load_statistics,
-                          manifest_key, reference_statistics, save_statistics, statistics)
+                          manifest_key, reference_statistics, require_images, save_statistics, statistics)
 from evaluate.sampler import DEFAULT_SOLVER, SOLVER_NOTES, check_solver, sample
 from evaluate.prompts import Prompt, choose_prompts
 from evaluate.sample_folder import SampleFolder, iter_sample_batches, sample_file, save_grid
@@ -62,6 +62,7 @@ class EvalConfig:
     fid_ref: str | None = None  # reference statistics .npz (pytorch-fid's format, e.g. U-ViT's) instead of the split
     fid_reference_images: int | None = None  # first N images of the split for the reference (None: all)
     clip: str = DEFAULT_CLIP  # open_clip spec (pipeline.encoders), or "none"
+    vae: str | None = None  # decoder override (hub id, folder, ldm FILE.pth); None: the shard set's own
     shards: str | None = None  # the shard set, when it has moved since training (default: the run's)
     cache_dir: str | None = None  # FID reference statistics (default $IFVIT_CACHE or ~/.cache/ifvit)
     compile: bool = False  # model.compile() before sampling (GPU, worth it for FID-30K)
@@ -128,6 +129,8 @@ class Scorers:
             fid_skipped = "disabled (--fid-features none)"
         else:
             try:
+                if not cfg.fid_ref:
+                    require_images(shard_set)  # before loading Inception: say the real reason first
                 fid = FIDFeatures(cfg.inception_weights, device, cfg.fid_features)
                 if cfg.fid_ref:  # checked on every rank: a bad file stops all of them before any sampling
                     reference, warning = load_statistics(cfg.fid_ref, fid)
@@ -137,7 +140,11 @@ class Scorers:
             except FIDUnavailable as e:
                 fid, fid_skipped = None, str(e)
         clip = clip_skipped = None
-        if cfg.clip.lower() in ("none", "off", ""):
+        if not shard_set.has_captions:
+            clip_skipped = (f"the shard set {shard_set.path} holds text states but no caption texts (U-ViT features "
+                            "converted without annotation files): rebuild it with `python -m pipeline uvit-features "
+                            "... --annotations DIR` (COCO's captions_{train,val}2014.json) for a CLIP score")
+        elif cfg.clip.lower() in ("none", "off", ""):
             clip_skipped = ("disabled (--clip none" + (", the cpu preset's default: ViT-L/14 costs ~1.5 s per "
                             "image on 2 cores" if cfg.preset == "cpu" else "") +
                             "); pass --clip ViT-L-14-quickgelu:openai (or a local file) to compute it")
@@ -296,7 +303,7 @@ def _evaluate(run: RunDir, cfg: EvalConfig, dist: Dist) -> dict | None:
             say(f"{name} skipped: {reason}")
     if scorers.fid_reference_warning:
         say(f"warning: {scorers.fid_reference_warning}")
-    codec = shard_set.image_codec(device)
+    codec = shard_set.image_codec(device, vae=cfg.vae)
     null_text = shard_set.null_text().to(device)
     set_key = manifest_key(shard_set.manifest)
 
@@ -358,6 +365,7 @@ def _evaluate(run: RunDir, cfg: EvalConfig, dist: Dist) -> dict | None:
         "fid_features": cfg.fid_features, "fid_statistics": main.get("fid_statistics"),
         "clip_score": main["clip_score"], "clip_model": None if scorers.clip is None else scorers.clip.spec,
         **({"clip_skipped": main["clip_skipped"]} if main.get("clip_skipped") else {}),
+        "decoder": cfg.vae or shard_set.manifest["image_encoder"]["spec"],
         "sampling": {"images_per_s": timing.get("images_per_s"), "seconds": timing.get("seconds"),
                      "includes": "sampling + decoding", **{k: timing[k] for k in ("batch_size", "world_size",
                                                                                  "device") if k in timing}},

@@ -36,6 +36,8 @@ def parser() -> ArgumentParser:
                    help=f"ODE solver (default {DEFAULT_SOLVER}, U-ViT's path; dpmpp2m: diffusers' multistep)")
     p.add_argument("--seed", type=int, default=0, help="image i of each prompt uses seed + i (default 0)")
     p.add_argument("--step", type=int, help="checkpoint step (default: the newest)")
+    p.add_argument("--vae", metavar="SPEC", help="decode with this VAE instead of the shard set's (e.g. U-ViT's "
+                                                 "autoencoder_kl.pth); the set's latent scale is kept")
     p.add_argument("--shards", help="the run's shard set, if it has moved since training")
     p.add_argument("--out", help="output folder (default RUN/text_samples)")
     return p
@@ -57,7 +59,7 @@ def main(argv: list[str]) -> int:
     run = RunDir.open(args.run, shards=args.shards)
     shard_set = run.shard_set()
     model = run.load_model(args.step, ema=True, device=device)
-    encoder, codec = shard_set.text_encoder(device), shard_set.image_codec(device)
+    encoder, codec = shard_set.text_encoder(device), shard_set.image_codec(device, vae=args.vae)
     null_text = shard_set.null_text().to(device)
     out = Path(args.out) if args.out else run.path / "text_samples"
     seeds = list(range(args.seed, args.seed + args.num))

@@ -1,15 +1,16 @@
-"""python -m pipeline shapes|coco|table|stats|verify|bench ...  (docs/pipeline.md)"""
+"""python -m pipeline shapes|coco|table|uvit-features|stats|verify|bench ...  (docs/pipeline.md)"""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 from ifvit.cli import ArgumentParser, entry_point
-from ifvit.errors import MissingPath
+from ifvit.errors import BadConfig, MissingPath
 from ifvit.lock import FolderLock
 from pipeline.encoders import DEFAULT_CLIP, DEFAULT_VAE
-from pipeline.executors import EXECUTORS
+from pipeline.executors import EXECUTORS, absolute_spec
 from pipeline.job import RANDOM_TEXT_ENCODER, JobConfig, run
 from pipeline.shapes import WORLDS
 from pipeline.sources import CocoSource, Preprocess, ShapesSource, TableSource
@@ -52,6 +53,24 @@ def job_config(args, image_encoder: str, text_encoder: str, seed: int = 0) -> Jo
                      ray_address=args.ray_address, strict=args.strict)
 
 
+def uvit_features(args) -> int:
+    from pipeline.uvit_features import ANNOTATION_FILES, UViTFeatureSource, run as run_uvit
+
+    files = {"train": args.captions_train, "val": args.captions_val}
+    if args.annotations:
+        if any(files.values()):
+            raise BadConfig("pass either --annotations DIR or --captions-train/--captions-val, not both")
+        files = {s: str(Path(args.annotations) / name) for s, name in ANNOTATION_FILES.items()}
+    if any(files.values()) and not all(files.values()):
+        raise BadConfig("pass both --captions-train and --captions-val (U-ViT extracted both splits), or neither")
+    source = UViTFeatureSource(args.root, files if all(files.values()) else None, args.resolution)
+    cfg = JobConfig(out=args.out, image_encoder=absolute_spec(args.vae), text_encoder=absolute_spec(args.clip),
+                    preprocess=Preprocess(resolution=args.resolution), shard_size=args.shard_size, limit=args.limit,
+                    latent_scale=args.latent_scale, strict=args.strict)
+    run_uvit(source, cfg, workers=args.workers or os.cpu_count())
+    return 0
+
+
 @entry_point
 def main(argv: list[str]) -> int:
     parser = ArgumentParser(prog="python -m pipeline", description=__doc__)
@@ -84,6 +103,25 @@ def main(argv: list[str]) -> int:
 
     p = sub.add_parser("stats", help="compute a finished set's data statistics (statistics.npz; nothing re-encoded)")
     p.add_argument("path")
+
+    p = sub.add_parser("uvit-features", help="U-ViT's extracted MS-COCO features (train/ val/ empty_context.npy) "
+                                             "as a shard set, without re-encoding")
+    p.add_argument("--root", required=True, help="U-ViT's feature folder, e.g. assets/datasets/coco256_features")
+    p.add_argument("--out", required=True, help="shard set folder")
+    p.add_argument("--vae", default=DEFAULT_VAE, help="the VAE that decodes the moments, recorded in the manifest "
+                                                      "(U-ViT's: its assets/stable-diffusion/autoencoder_kl.pth)")
+    p.add_argument("--clip", default=DEFAULT_CLIP, help="the text encoder recorded for new prompts (default: the "
+                                                        "one that gives U-ViT's states)")
+    p.add_argument("--annotations", help="folder with COCO 2014's captions_train2014.json and captions_val2014.json "
+                                         "(caption texts; without them, no CLIP score)")
+    p.add_argument("--captions-train", help="captions_train2014.json (instead of --annotations)")
+    p.add_argument("--captions-val", help="captions_val2014.json (instead of --annotations)")
+    p.add_argument("--resolution", type=int, default=256, help="the features' image side (256: moments [8, 32, 32])")
+    p.add_argument("--shard-size", type=int, default=500, help="images per shard")
+    p.add_argument("--limit", type=int, help="only the first N images of each split")
+    p.add_argument("--latent-scale", type=float, help="override the latent scale (default U-ViT's 0.23010)")
+    p.add_argument("--workers", type=int, help="reader processes (default: every core)")
+    p.add_argument("--strict", action="store_true", help="fail (exit 1) if any input is skipped")
 
     p = sub.add_parser("verify", help="check a shard set's checksums, counts and readability (exit 1 on a fault)")
     p.add_argument("path")
@@ -123,6 +161,8 @@ def main(argv: list[str]) -> int:
         bench_main(args)
         return 0
 
+    if args.command == "uvit-features":
+        return uvit_features(args)
     if args.command == "shapes":
         source = ShapesSource(args.train_images, args.val_images, args.holdout_images, args.seed, args.resolution,
                              args.world)

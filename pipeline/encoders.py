@@ -6,6 +6,7 @@ tiny random models of the same classes all go through the same code:
     image:  "pixels"                               identity on pixels, values in [-1, 1] (the shapes set)
             "stabilityai/sd-vae-ft-ema"            diffusers AutoencoderKL from the hub (the default for COCO)
             "/path/to/diffusers/folder"            the same, saved with save_pretrained
+            "/path/autoencoder_kl.pth"             an ldm-layout KL autoencoder, e.g. U-ViT's (pipeline/ldm_vae.py)
     text:   "ViT-L-14-quickgelu:openai"            open_clip model name : pretrained tag (the default)
             "ViT-L-14-quickgelu:/path/weights.pt"  model name : checkpoint file (.pt/.bin/.safetensors)
             "/path/weights.pt"                     checkpoint file for the default architecture
@@ -202,7 +203,7 @@ class VAECodec:
 
 def load_image_codec(spec: str | dict = "pixels", device: str | torch.device = "cpu",
                      scale: float | None = None) -> PixelCodec | VAECodec:
-    """A codec from "pixels", a VAE hub id or folder, or a manifest's "image_encoder" entry.
+    """A codec from "pixels", a VAE hub id, folder or ldm FILE.pth, or a manifest's "image_encoder" entry.
 
     `scale` is the latent scale that `decode` undoes; a manifest entry carries its own ("latent_scale")."""
     if isinstance(spec, dict):
@@ -212,6 +213,11 @@ def load_image_codec(spec: str | dict = "pixels", device: str | torch.device = "
         return PixelCodec(scale=1.0 if scale is None else scale, device=torch.device(device))
     from diffusers import AutoencoderKL
 
+    from pipeline.ldm_vae import is_ldm_vae_file, load_ldm_vae
+
+    if is_ldm_vae_file(spec):  # its config carries U-ViT's latent scale, 0.23010
+        vae = load_ldm_vae(spec)
+        return VAECodec(vae, spec, vae.config.scaling_factor if scale is None else scale, device)
     try:
         vae = AutoencoderKL.from_pretrained(spec, low_cpu_mem_usage=False)
     except Exception as e:

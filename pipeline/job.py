@@ -31,11 +31,12 @@ from ifvit.files import atomic_path, atomic_write_json, is_temporary
 from ifvit.lock import FolderLock
 from pipeline.encoders import DEFAULT_CLIP, DEFAULT_VAE
 from pipeline.executors import absolute_spec, choose_executor, run_local, run_ray
+from pipeline.ldm_vae import UVIT_LATENT_SCALE, is_ldm_vae_file
 from pipeline.manifest import FORMAT_VERSION, MANIFEST, NULL_TEXT, STAGING, TEXT_ENCODER_DIR, config_hash, load_manifest
 from pipeline.sources import Preprocess
 
 RANDOM_TEXT_ENCODER = "random"  # --clip random: a seeded random CLIP text tower saved inside the set
-PAPER_COCO_SCALE = 0.23010  # U-ViT's latent scale for SD-VAE on MS-COCO 256 (1 / std of its latents)
+PAPER_COCO_SCALE = UVIT_LATENT_SCALE  # U-ViT's latent scale for SD-VAE on MS-COCO 256 (1 / std of its latents)
 
 
 @dataclass
@@ -102,6 +103,10 @@ def choose_latent_scale(cfg: JobConfig, source, latent_format: str, std: float) 
         return 1.0, "pixels are already in [-1, 1]"
     if source.name == "coco" and cfg.image_encoder == DEFAULT_VAE:
         return PAPER_COCO_SCALE, "the paper's (U-ViT) value for SD-VAE latents of MS-COCO"
+    if source.name == "uvit-features":  # moments of U-ViT's autoencoder_kl.pth, trained on at its scale
+        return UVIT_LATENT_SCALE, "U-ViT's value for its MS-COCO features (configs/mscoco_uvit_small.py)"
+    if is_ldm_vae_file(cfg.image_encoder):  # U-ViT's own autoencoder file: its networks expect its scale
+        return UVIT_LATENT_SCALE, "U-ViT's value for its autoencoder file (configs/mscoco_uvit_small.py)"
     return 1.0 / std, "1 / measured std of the train latents"
 
 
@@ -215,14 +220,20 @@ def _build(source, cfg: JobConfig, executor: str) -> dict:
         print_summary(manifest)
         raise StrictModeError(f"--strict: {len(manifest['skipped'])} input(s) skipped (listed above); the shards "
                               f"are staged in {out}: fix the inputs, or run again without --strict to finish")
-    atomic_write_json(out / MANIFEST, manifest)  # last: its presence means the set is complete
-    shutil.rmtree(staging)
+    finish_set(out, manifest)
+    print_summary(manifest)
+    return manifest
+
+
+def finish_set(out: Path, manifest: dict) -> None:
+    """The manifest (last: its presence means the set is complete), then the data statistics derived from the
+    finished shards (pipeline/statistics.py; not part of the config hash)."""
     from pipeline.reader import ShardSet
     from pipeline.statistics import compute_statistics, write_statistics
 
-    manifest["statistics"] = write_statistics(out, compute_statistics(ShardSet(out)))  # derived: not hashed
-    print_summary(manifest)
-    return manifest
+    atomic_write_json(out / MANIFEST, manifest)
+    shutil.rmtree(out / STAGING)
+    manifest["statistics"] = write_statistics(out, compute_statistics(ShardSet(out)))
 
 
 def print_summary(manifest: dict) -> None:
@@ -244,7 +255,8 @@ def print_summary(manifest: dict) -> None:
         f"std {image['latent_std']:.4f}, scale {image['latent_scale']:.5f} ({image['latent_scale_source']})",
         f"  text       {text['spec']} -> [K, {text['text_len']}, {text['text_dim']}] float16",
         f"  config     {manifest['config_hash']}"
-        + (f"; {timing['images_encoded']:,} images encoded at {timing['images_per_s']:.1f} images/s"
+        + (f"; {timing['images_encoded']:,} images {timing.get('verb', 'encoded')} at "
+           f"{timing['images_per_s']:.1f} images/s"
            + (f" ({timing['executor']} executor)" if "executor" in timing else "") if timing else ""),
     ]
     print("\n".join(lines), file=sys.stdout, flush=True)

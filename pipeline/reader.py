@@ -65,6 +65,17 @@ class ShardSet:
         The one place that decides it (evaluate asks here)."""
         return self.manifest.get("source", {}).get("kind") == "shapes"
 
+    @property
+    def has_captions(self) -> bool:
+        """Records carry their caption texts (False for U-ViT features converted without annotation files:
+        text states only, so no CLIP score)."""
+        return self.manifest.get("captions_available", True)
+
+    @property
+    def stores_images(self) -> bool:
+        """Val records carry PNGs for FID reference statistics (False for U-ViT features: pass --fid-ref)."""
+        return self.manifest.get("stores_images", True)
+
     def __repr__(self) -> str:
         counts = ", ".join(f"{s} {self.manifest['splits'][s]['records']}" for s in self.splits)
         return (f"ShardSet({str(self.path)!r}: {counts}; {self.latent_format} "
@@ -91,10 +102,17 @@ class ShardSet:
             spec = f"local-dir:{self.path / spec[len('local-dir:'):]}"
         return load_text_encoder(spec, device)
 
-    def image_codec(self, device: str | torch.device = "cpu"):
+    def image_codec(self, device: str | torch.device = "cpu", vae: str | None = None):
+        """The set's codec; `vae` (a --vae spec: hub id, folder, ldm FILE.pth) swaps in another decoder for
+        the same moments, e.g. U-ViT's autoencoder_kl.pth, keeping the set's latent scale."""
+        from ifvit.errors import BadConfig
         from pipeline.encoders import load_image_codec
 
-        return load_image_codec(self.manifest["image_encoder"], device)
+        if vae is None:
+            return load_image_codec(self.manifest["image_encoder"], device)
+        if self.latent_format != "moments":
+            raise BadConfig(f"--vae {vae}: {self.path} stores {self.latent_format}, not VAE moments; leave --vae out")
+        return load_image_codec(vae, device, scale=self.latent_scale)
 
     def records(self, split: str):
         """Every record of `split` in shard order, decoded: dicts with key, json, latent, text [K, 77, D] and

@@ -134,7 +134,7 @@ def write_shard(item: dict, out: str) -> dict:
                     sample["png"] = png
                 sink.write(sample)
         sidecar = {"name": name, "split": work["split"], "records": len(work["records"]),
-                   "captions": sum(len(r["captions"]) for r in work["records"]),
+                   "captions": sum(len(t) for t in work["texts"]),  # = len(captions), also where texts are unknown
                    "sha256": sha256_file(tmp), "bytes": tmp.stat().st_size,
                    "latent_shape": list(work["latents"][0].shape) if work["latents"] else None,
                    "skipped": work["skipped"], "truncated": work["truncated"], "stats": work["stats"],

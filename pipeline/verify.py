@@ -22,9 +22,16 @@ def _load_npy(data: bytes) -> np.ndarray:
     return np.load(io.BytesIO(data), allow_pickle=False)
 
 
-def check_record(sample: dict, split: str, latent_shape: tuple, text_len: int, text_dim: int) -> list[str]:
+def caption_count(record: dict) -> int:
+    """Text states a record holds: its captions, or (a set without caption texts) its state files."""
+    captions = record.get("captions")
+    return len(captions) if captions is not None else len(record.get("caption_files", []))
+
+
+def check_record(sample: dict, split: str, latent_shape: tuple, text_len: int, text_dim: int,
+                 images: bool = True) -> list[str]:
     key = sample["__key__"]
-    needed = {"latent.npy", "text.npy", "json"} | ({"png"} if split != "train" else set())
+    needed = {"latent.npy", "text.npy", "json"} | ({"png"} if split != "train" and images else set())
     if missing := needed - set(sample):
         return [f"{key}: missing member(s) {sorted(missing)}"]
     faults = []
@@ -33,8 +40,8 @@ def check_record(sample: dict, split: str, latent_shape: tuple, text_len: int, t
         faults.append(f"{key}: latent {latent.dtype} {latent.shape}, manifest says float16 {latent_shape}")
     if text.dtype != np.float16 or text.ndim != 3 or text.shape[1:] != (text_len, text_dim):
         faults.append(f"{key}: text {text.dtype} {text.shape}, manifest says float16 [K, {text_len}, {text_dim}]")
-    elif text.shape[0] != len(record.get("captions", [])) or text.shape[0] == 0:
-        faults.append(f"{key}: {text.shape[0]} text states for {len(record.get('captions', []))} captions")
+    elif text.shape[0] != caption_count(record) or text.shape[0] == 0:
+        faults.append(f"{key}: {text.shape[0]} text states for {caption_count(record)} captions")
     if not (np.isfinite(latent).all() and np.isfinite(text).all()):
         faults.append(f"{key}: non-finite values")
     if record.get("key") != key or record.get("split") != split:
@@ -83,11 +90,12 @@ def verify(path: str | Path) -> bool:
         try:
             for sample in wds.DataPipeline(wds.SimpleShardList([str(shard)]), wds.tarfile_to_samples()):
                 records += 1
-                captions += len(json.loads(sample["json"])["captions"]) if "json" in sample else 0
+                captions += caption_count(json.loads(sample["json"])) if "json" in sample else 0
                 if sample["__key__"] in seen:
                     faults.append(f"{name}: key {sample['__key__']} appears twice in the set")
                 seen.add(sample["__key__"])
-                faults += check_record(sample, info["split"], latent_shape, text_len, text_dim)
+                faults += check_record(sample, info["split"], latent_shape, text_len, text_dim,
+                                       images=manifest.get("stores_images", True))
         except Exception as e:  # a damaged tar raises from deep inside tarfile
             faults.append(f"{name}: unreadable ({type(e).__name__}: {e})")
         if (records, captions) != (info["records"], info["captions"]):

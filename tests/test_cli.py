@@ -9,6 +9,7 @@ USER_ERRORS = [
     ("pipeline.__main__", ["table", "--table", "{tmp}/none.csv", "--image-root", "{tmp}", "--out", "{tmp}/o"],
      "no table at"),
     ("pipeline.__main__", ["shapes", "--bogus"], "unrecognized arguments"),
+    ("pipeline.__main__", ["uvit-features", "--root", "{tmp}", "--out", "{tmp}/o"], "extract_empty_feature.py"),
     ("pipeline.__main__", ["verify", "{tmp}/none"], "pass the shard set"),
     ("pipeline.__main__", ["bench", "--shards", "{tmp}/none"], "no shard set at"),
     ("train.__main__", ["--variant", "if_concat", "--shards", "{tmp}/none", "--out", "{tmp}/run"], "make shards"),

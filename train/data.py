@@ -71,7 +71,8 @@ def preview_prompts(shard_set, n: int) -> tuple[list[str], torch.Tensor]:
     split = "val" if "val" in shard_set.splits else "train"
     captions, texts = [], []
     for record in shard_set.records(split):
-        captions.append(record["json"]["captions"][0])
+        # U-ViT features without annotation files have states but no texts: label the preview by record key
+        captions.append((record["json"].get("captions") or [f"{record['key']} caption 0"])[0])
         texts.append(torch.as_tensor(record["text"][0]).float())
         if len(captions) == n:
             break
