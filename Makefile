@@ -75,12 +75,16 @@ eval: setup ## evaluate RUN (default: the newest run under runs/)
 	@test -n "$(RUN)" || { echo "error: no run found under runs/: train one first (make train) or pass RUN=runs/NAME"; exit 2; }
 	$(PY) -m evaluate --run $(RUN) $(EVAL_ARGS)
 
-# The whole flow on the embedded shapes set, sized for a laptop CPU: shards, the tiny if_concat run, its
-# evaluation (ends with the metrics summary and the path of the sample grid). Re-running skips what is done.
-DEMO_RUN := runs/if_concat-tiny
-demo: setup ## the whole flow on the shapes set on a CPU: shards, a tiny run, its evaluation
-	$(MAKE) --no-print-directory shards DATASET=shapes
-	$(MAKE) --no-print-directory train DATASET=shapes VARIANT=if_concat PRESET=tiny OUT=$(DEMO_RUN)
+# The whole flow on a CPU, sized for 2 cores: the easier `demo` world of the shapes generator (3 colours,
+# one group of 1-3 large objects, 16 px) in its own shard folder, the `demo`-preset if_concat run, its evaluation
+# (ends with the judge's scores beside their chance levels and the path of the sample grid). `make shards`
+# and `make compare` keep the full world. Re-running skips what is done.
+DEMO_SHARDS := shards/shapes-demo
+DEMO_RUN    := runs/if_concat-demo
+demo: setup ## the whole flow on a CPU: demo-world shards, a tiny run, its evaluation
+	$(PY) -m pipeline shapes --world demo --resolution 16 --train-images 5000 --val-images 500 \
+	  --holdout-images 0 --out $(DEMO_SHARDS)
+	$(MAKE) --no-print-directory train SHARDS=$(DEMO_SHARDS) VARIANT=if_concat PRESET=demo OUT=$(DEMO_RUN)
 	$(MAKE) --no-print-directory eval RUN=$(DEMO_RUN)
 
 # Side by side: the four variants (ABLATIONS=1 adds [n_text, n_image] = [0, 4] and [1, 0] of both

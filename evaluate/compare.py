@@ -105,6 +105,11 @@ def _split(model: dict) -> str:
     return f"[{model.get('n_text')}, {model.get('n_image')}]"
 
 
+def last_diagnostic(train_log: list[dict]) -> dict | None:
+    """The newest metrics.jsonl row carrying the training diagnostic (train/diagnostic.py), or None."""
+    return next((row for row in reversed(train_log) if row.get("x0_mse_by_t")), None)
+
+
 def markdown(runs: list[Run], groups: list[Group], report: dict) -> str:
     first = runs[0].metrics
     lines = ["# Comparison of runs", "",
@@ -142,6 +147,20 @@ def markdown(runs: list[Run], groups: list[Group], report: dict) -> str:
                         [[r.label, *[fmt(m.get(r.metrics), m.digits) for m in quality]] for r in runs])
     else:
         lines += ["No quality metric was computed (see the skipped metrics above)."]
+
+    diagnosed = [(r, diag) for r in runs if (diag := last_diagnostic(r.train_log))]
+    if diagnosed:
+        lines += ["", "## Error by noise level (training diagnostic)", "",
+                  "x0 MSE of the EMA model's prediction on a fixed val batch per bucket of t, at its last "
+                  "preview, against predicting the mean training image (lower is better; above the mean image "
+                  "means samples cannot follow captions at that noise level), and how much the caption moves "
+                  "the prediction (docs/training.md, \"The diagnostic\").", ""]
+        buckets = [f"t {lo}+" for lo in range(0, 1000, 100)]
+        lines += _table(["run", "step", "figure", *buckets],
+                        [[r.label, str(diag["step"]), name, *[f"{v:.3f}" for v in diag[key]]]
+                         for r, diag in diagnosed
+                         for name, key in (("x0 MSE", "x0_mse_by_t"), ("mean image", "baseline_by_t"),
+                                           ("caption effect", "caption_effect_by_t"))])
 
     if report["fusion_deltas"]:
         lines += ["", "## Intermediate against early fusion", "",

@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 from PIL import Image
@@ -194,6 +194,29 @@ def aggregate(results: list[dict]) -> dict:
 def judge_images(images: Sequence, targets: Sequence[dict], config: JudgeConfig = DEFAULT) -> dict:
     """read_scene + score + aggregate over paired images and target scenes."""
     return aggregate([score(read_scene(image, config), target) for image, target in zip(images, targets)])
+
+
+def reference_levels(records: Iterable[dict], n: int, seed: int = 0) -> dict:
+    """What the judge's scores mean on a world: {"data": the world's own first `n` images judged against
+    their own scenes (the ceiling: how well the judge reads real pictures), "chance": the same images judged
+    against the scenes of other images (a fixed derangement: a model that ignores its caption but draws
+    the world's pictures perfectly scores this)}. `records`: ShardSet.records(split) dicts with png bytes."""
+    import io
+
+    images, scenes = [], []
+    for record in records:
+        if len(images) == n:
+            break
+        images.append(np.asarray(Image.open(io.BytesIO(record["png"])).convert("RGB")))
+        scenes.append(record["json"]["scene"])
+    if len(images) < 2:
+        raise ValueError("reference levels need at least two images with scenes")
+    order = np.random.default_rng(seed).permutation(len(images))
+    shuffled = [None] * len(images)
+    for i, j in enumerate(order):  # one cycle through a random order: nobody keeps their own scene
+        shuffled[j] = scenes[order[i - 1]]
+    return {"num_images": len(images), "data": judge_images(images, scenes),
+            "chance": judge_images(images, shuffled)}
 
 
 # ----------------------------------------------------------------------------------------- the figure

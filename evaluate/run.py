@@ -339,12 +339,14 @@ def _evaluate(run: RunDir, cfg: EvalConfig, dist: Dist) -> dict | None:
     if not dist.master:
         return None
     main = results[(main_step, cfg.scale)]
-    shapes = None
+    shapes = reference = None
     if judge_splits:
         shapes = {s: (main if s == cfg.split else results[(main_step, cfg.scale, s)])["shapes"]
                   for s in judge_splits}
         judge.plot_count_error({s: m for s, m in shapes.items() if m}, eval_dir / "count_error.png",
                                title=f"{run.variant} step {main_step}, scale {cfg.scale:g}")
+        # Beside each score: the judge on the split's own images (ceiling) and with their scenes shuffled.
+        reference = {s: judge.reference_levels(shard_set.records(s), main["num_samples"]) for s in judge_splits}
     grid = save_grid(run.samples_dir, eval_dir / "grid.png")
 
     try:
@@ -370,6 +372,7 @@ def _evaluate(run: RunDir, cfg: EvalConfig, dist: Dist) -> dict | None:
                      "includes": "sampling + decoding", **{k: timing[k] for k in ("batch_size", "world_size",
                                                                                  "device") if k in timing}},
         "shapes": shapes,
+        "shapes_reference": reference,  # per split: {"data": real images, "chance": captions shuffled}
         "params": count_params(main_model),
         "gflops_true": true_flops(main_model.cfg) / 1e9, "gflops_paper": paper_flops(main_model.cfg) / 1e9,
         # A sweep or curve not asked for this time is kept from the previous metrics.json.

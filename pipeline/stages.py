@@ -20,8 +20,6 @@ from ifvit.files import atomic_path, atomic_write_json
 from pipeline.manifest import NULL_TEXT, STAGING, sha256_file
 from pipeline.sources import Preprocess, encode_png, prepare, skip
 
-CAPTION_CACHE_BYTES = 512 << 20  # per encoder actor
-
 
 def load_shard(item: dict, source, preprocess: Preprocess) -> dict:
     """CPU task: every row of one shard -> uint8 images [n, 3, R, R], record json, pngs, skipped entries."""
@@ -59,9 +57,6 @@ class EncodeShard:
         self.codec = load_image_codec(image_spec, device)
         self.text = load_text_encoder(text_spec, device)
         self.batch_size, self.seed = batch_size, seed
-        self.cache: dict[str, torch.Tensor] = {}  # caption -> float16 states, across shards
-        self.cache_budget = CAPTION_CACHE_BYTES
-        self.truncated: set[str] = set()
         self.identities = {"image": self.codec.identity(), "text": self.text.identity()}
         self.null_text = self.text([""])[0].half().cpu().numpy()
 
@@ -104,20 +99,20 @@ class EncodeShard:
 
 
     def encode_captions(self, captions: list[str]) -> tuple[dict, set]:
-        """({caption: float16 [77, D]}, the truncated ones). Each distinct caption is encoded once per job
-        while the cache has room: shapes captions repeat across images (35k distinct in 100k); COCO's
-        rarely do, so there it only saves the repeats within a shard."""
-        new = [c for c in dict.fromkeys(captions) if c not in self.cache]
+        """({caption: float16 [77, D]}, the truncated ones) for one shard's captions, each distinct one encoded
+        once, in batches that depend on this shard alone.
+
+        No cache across shards: a caption's float16 states depend (by one ulp, now and then) on the batch it
+        was encoded in, since CPU and GPU matmul kernels are chosen by shape. Reusing states from earlier
+        shards made a shard's bytes depend on which shards the encoder had seen before, i.e. on the order Ray
+        delivers shards and where a killed job resumed, so the executors and a resumed job disagreed."""
+        new = list(dict.fromkeys(captions))
         tokens, too_long = self.text.tokenize(new)
-        self.truncated |= {c for c, t in zip(new, too_long.tolist()) if t}
-        fresh = {}
+        states = {}
         for start in range(0, len(new), self.batch_size):
-            states = self.text.encode_tokens(tokens[start:start + self.batch_size]).half().cpu()
-            fresh.update(zip(new[start:start + self.batch_size], states))
-        if fresh and self.cache_budget > 0:
-            self.cache.update(fresh)
-            self.cache_budget -= len(fresh) * next(iter(fresh.values())).nbytes
-        return {c: fresh[c] if c in fresh else self.cache[c] for c in captions}, self.truncated & set(captions)
+            encoded = self.text.encode_tokens(tokens[start:start + self.batch_size]).half().cpu()
+            states.update(zip(new[start:start + self.batch_size], encoded))
+        return states, {c for c, t in zip(new, too_long.tolist()) if t}
 
 
 def write_shard(item: dict, out: str) -> dict:

@@ -126,3 +126,11 @@ def test_no_paragraph_is_said_twice():
                 repeats.append(f"{md.relative_to(ROOT)} repeats {seen[para]}: {para[:80]}...")
             seen.setdefault(para, md.relative_to(ROOT))
     assert not repeats, "\n".join(repeats)
+
+
+def test_readme_demo_block_is_generated_from_the_committed_results():
+    from evaluate.report import DEMO_RESULTS, demo_block
+
+    assert (DEMO_RESULTS / "grid.png").is_file()
+    assert demo_block() in (ROOT / "README.md").read_text(encoding="utf-8"), \
+        "regenerate it: python -m evaluate.report --readme-block docs/results/demo"

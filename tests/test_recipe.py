@@ -134,7 +134,7 @@ def test_normalization_round_trip_and_file(tmp_path):
 def test_presets_and_their_recipes():
     coco = make_config("coco")
     assert (coco.prediction, coco.loss_weighting, coco.image_norm, coco.text_norm) == ("epsilon", "uniform", "scale", "none")
-    for name in ("shapes", "tiny"):
+    for name in ("shapes", "tiny", "demo"):
         cfg = make_config(name)
         assert (cfg.prediction, cfg.image_norm, cfg.text_norm) == ("v", "channel", "token")
     with pytest.raises(BadConfig, match="--prediction must be one of epsilon, v"):

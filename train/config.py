@@ -2,7 +2,8 @@
 
     coco    the paper's recipe (docs/design.md, "Recipe") on SD-VAE latents of MS-COCO: U-ViT-S/2, batch 256, 1M steps
     shapes  a GPU-sized pixel-space run on the default `shapes` set that learns counts in minutes
-    tiny    the CPU demo on the easier `demo` world: minutes on 2 cores
+    tiny    a CPU run on the full `shapes` world: minutes on 2 cores, colours and layout
+    demo    the CPU demo (`make demo`) on the easier `demo` world at 16 px
 
 When no preset is named, the shard set picks one: VAE moments -> coco; pixels -> shapes on a GPU, tiny on a
 CPU. Any field can then be overridden (`python -m train ... --lr 1e-4 --ema-decay 0.999`).
@@ -47,9 +48,10 @@ class TrainConfig:
     ema_decay: float = 0.9999
     caption_dropout: float = 0.1  # probability of training on the "" encoding (classifier-free guidance)
 
-    # What the network predicts and how inputs are scaled (docs/training.md, "Prediction target, loss
-    # weighting, normalisation"). The paper's recipe: epsilon, uniform MSE, latents x the set's latent scale,
-    # raw text states. These four define what a run's weights mean: recorded in config.json, fixed on resume.
+    # docs/training.md, "Prediction target, loss weighting, normalisation": what the network predicts and how
+    # its inputs are scaled. The paper's recipe: epsilon, uniform MSE, latents x the set's latent scale,
+    # raw text states. All are recorded in config.json; the target and the two norms (what the weights mean)
+    # are fixed on resume.
     prediction: str = "epsilon"  # "epsilon" | "v"
     loss_weighting: str = "uniform"  # "uniform" | "min_snr" (min-SNR-gamma)
     min_snr_gamma: float = 5.0
@@ -109,10 +111,17 @@ PRESETS: dict[str, TrainConfig] = {
         steps=20_000, batch_size=256, lr=3e-4, warmup_steps=1_000, ema_decay=0.9995,
         num_workers=8, log_every=100, ckpt_every=5_000, preview_every=2_000, **SHAPES_RECIPE,
     ),
-    # The CPU demo (`make demo`, on the `demo` world at 16 px): ~8 minutes of training on 2 cores. Patch 2 on
-    # 16 px gives 64 patches (+ 77 text tokens); a short run needs a short EMA (0.99: ~100 steps).
+    # A CPU run on the full world at 32 px: patch 4 keeps the sequence short (64 patches + 77 text tokens); a
+    # short run needs a short EMA (0.99: ~100 steps). Colours and layout, not counts, in minutes.
     "tiny": TrainConfig(
-        preset="tiny", width=128, depth=7, heads=4, patch_size=2,
+        preset="tiny", width=128, depth=7, heads=4, patch_size=4,
+        steps=900, batch_size=32, lr=1e-3, warmup_steps=100, ema_decay=0.99,
+        num_workers=1, log_every=10, ckpt_every=300, preview_every=150, preview_steps=20, **SHAPES_RECIPE,
+    ),
+    # The CPU demo (`make demo`) on the `demo` world at 16 px: patch 2 gives the same 64 patches as `tiny` at
+    # 32 px with objects 5-7 px wide; ~8 minutes of training on 2 cores.
+    "demo": TrainConfig(
+        preset="demo", width=128, depth=7, heads=4, patch_size=2,
         steps=1_500, batch_size=32, lr=1e-3, warmup_steps=100, ema_decay=0.99,
         num_workers=1, log_every=25, ckpt_every=500, preview_every=250, preview_steps=20, **SHAPES_RECIPE,
     ),
