@@ -169,28 +169,12 @@ def _build(source, cfg: JobConfig, executor: str) -> dict:
     start = time.time()
     out = Path(cfg.out)
     chash = config_hash(cfg.hashed(source))
-    if (out / MANIFEST).is_file():
-        manifest = load_manifest(out)
-        if manifest["config_hash"] != chash:
-            raise OtherOptions(f"{out} already holds a shard set built with other options (config "
-                                  f"{manifest['config_hash']}, now {chash}): pass another --out, or delete {out}")
-        shutil.rmtree(out / STAGING, ignore_errors=True)  # left only by a kill right after the manifest
-        print(f"{out} is up to date (config {chash}): nothing to do")
-        print_summary(manifest)
+    if (manifest := finished_set(out, chash)) is not None:
         if cfg.strict and manifest["skipped"]:
             raise StrictModeError(f"--strict: {len(manifest['skipped'])} input(s) were skipped (see the manifest)")
         return manifest
 
-    staging = out / STAGING
-    staging.mkdir(parents=True, exist_ok=True)
-    stamp = staging / "config.json"
-    if stamp.is_file() and json.loads(stamp.read_text())["config_hash"] != chash:
-        raise OtherOptions(f"{out} holds an unfinished job with other options: run that command again to "
-                              f"finish it, or delete {out} to start over")
-    atomic_write_json(stamp, {"config_hash": chash, "config": cfg.hashed(source)})
-    for stale in [p for folder in (out, staging) for p in folder.iterdir() if is_temporary(p)]:
-        shutil.rmtree(stale) if stale.is_dir() else stale.unlink()  # partial writes of a killed run
-
+    staging = prepare_staging(out, chash, cfg.hashed(source))
     rows, listing_skipped = source.rows()
     plan = plan_shards(rows, cfg.shard_size, cfg.limit)
     if not plan:
@@ -223,6 +207,36 @@ def _build(source, cfg: JobConfig, executor: str) -> dict:
     finish_set(out, manifest)
     print_summary(manifest)
     return manifest
+
+
+def finished_set(out: Path, chash: str) -> dict | None:
+    """The manifest of the finished set in `out` when it was built with config `chash` (said so, with its
+    summary), None when there is none yet; a set built with other options is refused."""
+    if not (out / MANIFEST).is_file():
+        return None
+    manifest = load_manifest(out)
+    if manifest["config_hash"] != chash:
+        raise OtherOptions(f"{out} already holds a shard set built with other options (config "
+                           f"{manifest['config_hash']}, now {chash}): pass another --out, or delete {out}")
+    shutil.rmtree(out / STAGING, ignore_errors=True)  # left only by a kill right after the manifest
+    print(f"{out} is up to date (config {chash}): nothing to do")
+    print_summary(manifest)
+    return manifest
+
+
+def prepare_staging(out: Path, chash: str, hashed_config: dict) -> Path:
+    """The staging folder of a job with config hash `chash`: created, or an unfinished one of the same job
+    resumed (another job's is refused), with the partial writes of a killed run removed."""
+    staging = out / STAGING
+    staging.mkdir(parents=True, exist_ok=True)
+    stamp = staging / "config.json"
+    if stamp.is_file() and json.loads(stamp.read_text())["config_hash"] != chash:
+        raise OtherOptions(f"{out} holds an unfinished job with other options: run that command again to "
+                           f"finish it, or delete {out} to start over")
+    atomic_write_json(stamp, {"config_hash": chash, "config": hashed_config})
+    for stale in [p for folder in (out, staging) for p in folder.iterdir() if is_temporary(p)]:
+        shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+    return staging
 
 
 def finish_set(out: Path, manifest: dict) -> None:

@@ -18,7 +18,6 @@ import json
 import os
 import pickle
 import re
-import shutil
 import time
 import zlib
 from collections import defaultdict
@@ -28,11 +27,10 @@ from pathlib import Path
 import numpy as np
 
 from ifvit.errors import BadConfig, JobFailed, MissingPath
-from ifvit.files import atomic_write_json, is_temporary
 from ifvit.lock import FolderLock
 from pipeline.encoders import PADDING_RULE, TEXT_LEN, parse_clip_spec
 from pipeline.ldm_vae import is_ldm_vae_file
-from pipeline.manifest import MANIFEST, STAGING, config_hash, load_manifest
+from pipeline.manifest import config_hash
 from pipeline.sources import skip
 from pipeline.stages import write_shard
 
@@ -248,29 +246,16 @@ def run(source: UViTFeatureSource, cfg, workers: int | None = None) -> dict:
 
 def _build(source: UViTFeatureSource, cfg, workers: int | None) -> dict:
     from pipeline.executors import pool_context
-    from pipeline.job import OtherOptions, StrictModeError, build_manifest, finish_set, plan_shards, print_summary
+    from pipeline.job import (StrictModeError, build_manifest, finish_set, finished_set, plan_shards,
+                              prepare_staging, print_summary)
 
     start, out = time.time(), Path(cfg.out)
     chash = config_hash(cfg.hashed(source))
-    if (out / MANIFEST).is_file():
-        manifest = load_manifest(out)
-        if manifest["config_hash"] != chash:
-            raise OtherOptions(f"{out} already holds a shard set built with other options: pass another --out, "
-                               f"or delete {out}")
-        print(f"{out} is up to date (config {chash}): nothing to do")
-        print_summary(manifest)
+    if (manifest := finished_set(out, chash)) is not None:
         return manifest
     null_text = source.null_text()  # inputs first: a wrong --root or annotation file leaves nothing behind
     rows, listing_skipped = source.rows()
-    staging = out / STAGING
-    staging.mkdir(parents=True, exist_ok=True)
-    stamp = staging / "config.json"
-    if stamp.is_file() and json.loads(stamp.read_text())["config_hash"] != chash:
-        raise OtherOptions(f"{out} holds an unfinished job with other options: run that command again to finish "
-                           f"it, or delete {out} to start over")
-    atomic_write_json(stamp, {"config_hash": chash, "config": cfg.hashed(source)})
-    for stale in [p for folder in (out, staging) for p in folder.iterdir() if is_temporary(p)]:
-        shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+    staging = prepare_staging(out, chash, cfg.hashed(source))
 
     plan = plan_shards(rows, cfg.shard_size, cfg.limit)
     if not plan:
