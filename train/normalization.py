@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from ifvit.errors import MissingPath
 from ifvit.files import atomic_path
 
 FILE = "normalization.pt"
@@ -93,7 +94,7 @@ class Normalization:
             return cls.identity()
         path = Path(run_path) / FILE
         if not path.is_file():
-            raise FileNotFoundError(f"{run_path} was trained with image_norm {image!r} / text_norm {text!r} but "
+            raise MissingPath(f"{run_path} was trained with image_norm {image!r} / text_norm {text!r} but "
                                     f"has no {FILE}: copy it along with the run directory")
         state = torch.load(path, map_location="cpu", weights_only=True)
         return cls(**state)
