@@ -145,11 +145,16 @@ def run_ray(source, cfg, todo: list[dict], out, text_spec: str) -> None:
 # ----------------------------------------------------------------------------------------- local
 
 def pool_context() -> multiprocessing.context.BaseContext:
-    """fork where the platform has it: workers start in milliseconds instead of re-importing torch. They
-    only ever run the torch-free load and write stages, so a CUDA context in this process is never used
-    in them (the same reasoning as torch's own DataLoader workers)."""
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    return multiprocessing.get_context(method)
+    """forkserver where the platform has it, else spawn; never a plain fork. This process holds other
+    threads (Ray's driver threads, torch's, tqdm's monitor), and a child forked from it inherits their
+    locks and signal handlers mid-use: a test run hung for 10 minutes in Pool.terminate, joining a worker
+    that no longer answered SIGTERM. The fork server is a fresh single-threaded process that forks the
+    workers; it preloads the stage module, so each worker starts in well under a second."""
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(["pipeline.stages", "pipeline.sources"])
+        return context
+    return multiprocessing.get_context("spawn")
 
 
 def run_local(source, cfg, todo: list[dict], out, text_spec: str) -> None:
