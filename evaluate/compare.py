@@ -34,6 +34,7 @@ from ifvit.cli import ArgumentParser, entry_point
 from ifvit.errors import UserError
 from ifvit.files import atomic_write_json, atomic_write_text
 from ifvit.lock import FolderLock
+from train.diagnostic import BUCKETS, bucket_bounds
 
 # -- the report -----------------------------------------------------------------------------------------
 
@@ -155,7 +156,7 @@ def markdown(runs: list[Run], groups: list[Group], report: dict) -> str:
                   "preview, against predicting the mean training image (lower is better; above the mean image "
                   "means samples cannot follow captions at that noise level), and how much the caption moves "
                   "the prediction (docs/training.md, \"The diagnostic\").", ""]
-        buckets = [f"t {lo}+" for lo in range(0, 1000, 100)]
+        buckets = [f"t {bucket_bounds(b)[0]}+" for b in range(BUCKETS)]
         lines += _table(["run", "step", "figure", *buckets],
                         [[r.label, str(diag["step"]), name, *[f"{v:.3f}" for v in diag[key]]]
                          for r, diag in diagnosed

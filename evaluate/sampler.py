@@ -35,6 +35,7 @@ from typing import Callable, Sequence
 import torch
 
 from train.diffusion import NUM_TRAIN_TIMESTEPS, SCHEDULER_KWARGS, alphas_cumprod, eps_from_prediction, guided_eps
+from train.normalization import Normalization
 
 SOLVERS = ("uvit", "dpmpp2m")
 DEFAULT_SOLVER = "uvit"
@@ -212,9 +213,9 @@ def sample(model, context: torch.Tensor, null_context: torch.Tensor, *, steps: i
         latent_shape = (cfg.in_chans, cfg.img_size, cfg.img_size)
 
     schedule = ContinuousSchedule()
-    text_in = normalization.text_in if normalization is not None else (lambda c: c)
+    normalization = normalization or Normalization.identity()
     # Conditional first, unconditional second: the attention callback keeps the first half.
-    both_contexts = text_in(torch.cat([context, null_context.to(context).expand(B, -1, -1)]))
+    both_contexts = normalization.text_in(torch.cat([context, null_context.to(context).expand(B, -1, -1)]))
     record = attention_callback is not None
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     # diffusers' grid is integer (kept as long, as before); U-ViT's is fractional.
@@ -237,4 +238,4 @@ def sample(model, context: torch.Tensor, null_context: torch.Tensor, *, steps: i
 
     x = initial_noise(seeds, latent_shape).to(device)
     x = solve_uvit(guided, x, steps, schedule) if solver == "uvit" else solve_dpmpp2m(guided, x, steps)
-    return normalization.image_out(x) if normalization is not None else x
+    return normalization.image_out(x)

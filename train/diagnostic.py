@@ -57,7 +57,6 @@ class Diagnostic:
         self.offsets = torch.randint(0, width, (BUCKETS, n), generator=gen).to(device)
         self.eps = torch.randn((BUCKETS, *self.x0.shape), generator=gen).to(device)
         self.schedule = NoiseSchedule(device)
-        self.last: dict | None = None
 
     def due(self, step: int) -> bool:
         return bool(self.every) and (step % self.every == 0 or step == self.total_steps)
@@ -82,7 +81,6 @@ class Diagnostic:
             out["baseline_by_t"].append(baseline)
             ratio = (cond - uncond).flatten(1).norm(dim=1) / cond.flatten(1).norm(dim=1).clamp(min=1e-12)
             out["caption_effect_by_t"].append(ratio.mean().item())
-        self.last = out
         return out
 
 

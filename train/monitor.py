@@ -18,7 +18,7 @@ import torch
 import torch.distributed as torch_dist
 
 from ifvit.errors import JobFailed
-from train.diagnostic import table as diagnostic_table, worse_than_baseline
+from train.diagnostic import bucket_bounds, table as diagnostic_table, worse_than_baseline
 from train.preview import ddim_sample, grid_figure, pixels_to_uint8, save_figure
 
 
@@ -127,13 +127,13 @@ class TrainLog:
 
     def _diagnostic(self, step: int, diag: dict) -> None:
         for key, values in diag.items():
-            self.writer.add_scalars(f"diagnostic/{key}", {f"t{lo:03d}": v for lo, v in
-                                                          zip(range(0, 1000, 100), values)}, step)
+            self.writer.add_scalars(f"diagnostic/{key}", {f"t{bucket_bounds(b)[0]:03d}": v
+                                                          for b, v in enumerate(values)}, step)
         self.last_diagnostic = (step, diag)
         worse = worse_than_baseline(diag)
         if worse and step > self.cfg.warmup_steps:
             self.say(f"warning: at step {step} the model's x0 error is worse than predicting the mean image for t in "
-                     + ", ".join(f"[{b * 100}, {b * 100 + 100})" for b in worse)
+                     + ", ".join("[{}, {})".format(*bucket_bounds(b)) for b in worse)
                      + ": samples will not follow their captions there (docs/training.md, \"The diagnostic\")")
 
     def close(self) -> None:
